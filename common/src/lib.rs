@@ -5,7 +5,18 @@
 //! forward that returns what its backward needs, and an explicit backward. The frozen
 //! base only ever receives dX; LoRA adapters receive dA, dB.
 
+pub mod chat_template;
+pub mod checkpoint;
+pub mod config;
+pub mod data;
 pub mod error;
+pub mod lora;
+pub mod loss;
+pub mod model;
+pub mod nf4;
 pub mod ops;
+pub mod optim;
+pub mod tokenizer;
+pub mod weights;
 
 pub use error::{Error, Result};

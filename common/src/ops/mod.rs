@@ -5,3 +5,9 @@
 //! struct and returns input gradients. Frozen parameters (norm weights, base linears) get
 //! no gradient. All ops are device-agnostic candle code; CUDA kernels replace the hot ones
 //! behind the `cuda` feature later, with these as the reference.
+
+pub mod activation;
+pub mod attention;
+pub mod embedding;
+pub mod rms_norm;
+pub mod rope;
