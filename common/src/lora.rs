@@ -1,1 +1,336 @@
-//! (being written)
+//! LoRA adapters on frozen base linears (dense or NF4), PEFT-compatible.
+//!
+//! All adapter parameters live in ONE flat fp32 buffer (`LoraParams::values`) and their
+//! gradients in one flat buffer of the same layout, so the optimizer and the gradient
+//! all-reduce each touch a single contiguous array. Per-module A and B are views into it.
+//!
+//! The frozen base weight never receives a gradient: backward computes only
+//! dX = dY·W (+ the LoRA branch's dX) and, for the adapter, dA and dB.
+
+use candle_core::{DType, Device, Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::nf4::Nf4Tensor;
+use crate::{Error, Result};
+
+/// The seven linear layers of a Llama/Gemma decoder block — PEFT's "all-linear" for
+/// these architectures (every nn.Linear except the LM head).
+pub const ALL_LINEAR: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraSpec {
+    pub r: usize,
+    pub lora_alpha: f64,
+    pub lora_dropout: f64,
+    pub use_rslora: bool,
+    /// Module short names (q_proj, …) that get adapters.
+    pub target_modules: Vec<String>,
+}
+
+impl LoraSpec {
+    /// PEFT's scaling: alpha/r, or alpha/sqrt(r) with rsLoRA (which keeps the update's
+    /// magnitude stable as r grows).
+    pub fn scaling(&self) -> f64 {
+        if self.use_rslora {
+            self.lora_alpha / (self.r as f64).sqrt()
+        } else {
+            self.lora_alpha / self.r as f64
+        }
+    }
+
+    pub fn targets(&self, short_name: &str) -> bool {
+        self.target_modules.iter().any(|t| t == short_name)
+    }
+}
+
+/// Where one module's A [r, in] and B [out, r] live in the flat buffer.
+#[derive(Debug, Clone)]
+pub struct LoraEntry {
+    /// HF module path, e.g. `model.layers.0.self_attn.q_proj`.
+    pub module: String,
+    pub in_features: usize,
+    pub out_features: usize,
+    pub a_offset: usize,
+    pub b_offset: usize,
+}
+
+impl LoraEntry {
+    pub fn peft_a_name(&self) -> String {
+        format!("base_model.model.{}.lora_A.weight", self.module)
+    }
+    pub fn peft_b_name(&self) -> String {
+        format!("base_model.model.{}.lora_B.weight", self.module)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct LoraParams {
+    pub spec: LoraSpec,
+    pub entries: Vec<LoraEntry>,
+    /// fp32 master weights of every adapter, concatenated.
+    pub values: Vec<f32>,
+}
+
+impl LoraParams {
+    /// Lays out adapters for `modules` (module path, in, out) and initialises them like
+    /// PEFT: A ~ kaiming_uniform(a=√5), i.e. U(−1/√in, 1/√in); B = 0, so training starts
+    /// from exactly the base model.
+    pub fn init(spec: &LoraSpec, modules: &[(String, usize, usize)], seed: u64) -> Self {
+        let r = spec.r;
+        let mut entries = Vec::with_capacity(modules.len());
+        let mut off = 0;
+        for (m, inf, outf) in modules {
+            entries.push(LoraEntry {
+                module: m.clone(),
+                in_features: *inf,
+                out_features: *outf,
+                a_offset: off,
+                b_offset: off + r * inf,
+            });
+            off += r * inf + outf * r;
+        }
+        let mut values = vec![0f32; off];
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        for e in &entries {
+            let bound = 1.0 / (e.in_features as f64).sqrt();
+            for v in &mut values[e.a_offset..e.a_offset + r * e.in_features] {
+                *v = rng.random_range(-bound..bound) as f32;
+            }
+        }
+        Self { spec: spec.clone(), entries, values }
+    }
+
+    pub fn len(&self) -> usize {
+        self.values.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+
+    pub fn index_of(&self, module: &str) -> Option<usize> {
+        self.entries.iter().position(|e| e.module == module)
+    }
+
+    /// Device tensors for one training step: one upload of the flat buffer, and per-module
+    /// A/B views into it (no copies).
+    pub fn to_device(&self, device: &Device, dtype: DType) -> Result<LoraTensors> {
+        let flat = Tensor::from_slice(&self.values, self.values.len(), device)?.to_dtype(dtype)?;
+        let r = self.spec.r;
+        let mut ab = Vec::with_capacity(self.entries.len());
+        for e in &self.entries {
+            let a = flat.narrow(0, e.a_offset, r * e.in_features)?.reshape((r, e.in_features))?;
+            let b = flat.narrow(0, e.b_offset, e.out_features * r)?.reshape((e.out_features, r))?;
+            ab.push((a, b));
+        }
+        Ok(LoraTensors { ab, scaling: self.spec.scaling(), dropout: self.spec.lora_dropout })
+    }
+
+    /// PEFT-named tensors for adapter_model.safetensors.
+    pub fn peft_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let r = self.spec.r;
+        let mut out = Vec::with_capacity(2 * self.entries.len());
+        for e in &self.entries {
+            let a = &self.values[e.a_offset..e.a_offset + r * e.in_features];
+            let b = &self.values[e.b_offset..e.b_offset + e.out_features * r];
+            out.push((e.peft_a_name(), Tensor::from_slice(a, (r, e.in_features), &Device::Cpu)?));
+            out.push((e.peft_b_name(), Tensor::from_slice(b, (e.out_features, r), &Device::Cpu)?));
+        }
+        Ok(out)
+    }
+
+    /// Loads PEFT-named tensors into this layout. Every adapter of the layout must be
+    /// present with the right shape; extra tensors are an error too (they would mean the
+    /// adapter was trained on other modules and silently ignoring them changes the model).
+    pub fn load_peft_tensors(&mut self, tensors: &[(String, Tensor)], source: &std::path::Path) -> Result<()> {
+        let r = self.spec.r;
+        let mut seen = std::collections::HashSet::new();
+        let by_name: std::collections::HashMap<String, &Tensor> =
+            tensors.iter().map(|(n, t)| (strip_adapter_name(n), t)).collect();
+        for e in &self.entries {
+            for (name, off, shape) in [
+                (e.peft_a_name(), e.a_offset, vec![r, e.in_features]),
+                (e.peft_b_name(), e.b_offset, vec![e.out_features, r]),
+            ] {
+                let t = by_name
+                    .get(name.as_str())
+                    .ok_or_else(|| Error::MissingTensor { path: source.to_path_buf(), name: name.clone() })?;
+                if t.dims() != shape.as_slice() {
+                    return Err(Error::Shape { path: source.to_path_buf(), name, expected: shape, got: t.dims().to_vec() });
+                }
+                let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                self.values[off..off + v.len()].copy_from_slice(&v);
+                seen.insert(name);
+            }
+        }
+        if let Some(extra) = by_name.keys().find(|n| !seen.contains(*n)) {
+            return Err(Error::Format {
+                path: source.to_path_buf(),
+                msg: format!("adapter tensor `{extra}` does not match any targeted module of this model"),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// PEFT saves without the adapter name, but state dicts taken from a live PeftModel carry
+/// `.default.`: accept both.
+fn strip_adapter_name(n: &str) -> String {
+    n.replace(".lora_A.default.weight", ".lora_A.weight").replace(".lora_B.default.weight", ".lora_B.weight")
+}
+
+/// Per-step device view of the adapters.
+pub struct LoraTensors {
+    /// (A [r, in], B [out, r]) per entry, in `LoraParams::entries` order.
+    pub ab: Vec<(Tensor, Tensor)>,
+    pub scaling: f64,
+    pub dropout: f64,
+}
+
+/// Gradients of every adapter, in the same flat layout as `LoraParams::values`.
+pub struct LoraGrads {
+    pub flat: Vec<f32>,
+}
+
+impl LoraGrads {
+    pub fn zeros(params: &LoraParams) -> Self {
+        Self { flat: vec![0.0; params.len()] }
+    }
+    pub fn zero(&mut self) {
+        self.flat.iter_mut().for_each(|g| *g = 0.0);
+    }
+    fn add(&mut self, offset: usize, t: &Tensor) -> Result<()> {
+        let v = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        for (g, x) in self.flat[offset..offset + v.len()].iter_mut().zip(v) {
+            *g += x;
+        }
+        Ok(())
+    }
+}
+
+/// A frozen base weight [out, in].
+pub enum BaseWeight {
+    Dense(Tensor),
+    /// Stays 4-bit; dequantized into a transient buffer right before each GEMM, so the
+    /// student never holds a full-precision copy of its base.
+    Nf4(Nf4Tensor),
+}
+
+impl BaseWeight {
+    /// The weight as a dense tensor for one GEMM (a transient dequantized copy for NF4).
+    pub fn dense(&self, device: &Device) -> Result<Tensor> {
+        match self {
+            BaseWeight::Dense(t) => Ok(t.clone()),
+            BaseWeight::Nf4(q) => q.to_tensor(device),
+        }
+    }
+
+    /// `dense` in the compute dtype of `like`.
+    fn dense_as(&self, like: &Tensor) -> Result<Tensor> {
+        Ok(self.dense(like.device())?.to_dtype(like.dtype())?)
+    }
+
+    pub fn memory_bytes(&self) -> usize {
+        match self {
+            BaseWeight::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            BaseWeight::Nf4(q) => q.memory_bytes(),
+        }
+    }
+}
+
+/// A base linear layer, optionally carrying a LoRA adapter (index into `LoraParams`).
+pub struct Linear {
+    pub weight: BaseWeight,
+    pub bias: Option<Tensor>,
+    pub in_features: usize,
+    pub out_features: usize,
+    pub lora: Option<usize>,
+}
+
+/// What the backward of a LoRA linear needs: the adapter's input after dropout and
+/// the rank-r projection u = dropout(x)·Aᵀ (cheap: N×r).
+pub struct LinearSaved {
+    xd: Tensor,
+    u: Tensor,
+}
+
+/// Dropout randomness for one forward, deterministic per (step, module) so that
+/// activation-checkpointing recomputation reproduces the same masks.
+#[derive(Clone, Copy)]
+pub struct DropoutSeed(pub u64);
+
+impl Linear {
+    /// y = x·Wᵀ + b + s·dropout(x)·Aᵀ·Bᵀ for x [N, in]. `lora` None runs the base alone
+    /// (the LwF teacher path). Returns saved activations only when `save` is set and the
+    /// layer has an adapter.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        lora: Option<&LoraTensors>,
+        dropout: Option<DropoutSeed>,
+        save: bool,
+    ) -> Result<(Tensor, Option<LinearSaved>)> {
+        let w = self.weight.dense_as(x)?;
+        let mut y = x.matmul(&w.t()?)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        let (Some(idx), Some(lt)) = (self.lora, lora) else { return Ok((y, None)) };
+        let (a, b) = &lt.ab[idx];
+        let xd = match dropout {
+            Some(seed) if lt.dropout > 0.0 => apply_dropout(x, lt.dropout, seed)?,
+            _ => x.clone(),
+        };
+        let u = xd.matmul(&a.t()?)?;
+        y = (y + (u.matmul(&b.t()?)? * lt.scaling)?)?;
+        Ok((y, save.then_some(LinearSaved { xd, u })))
+    }
+
+    /// dX for upstream gradient `dy` [N, out]; accumulates dA, dB into `grads`.
+    pub fn backward(
+        &self,
+        dy: &Tensor,
+        saved: Option<&LinearSaved>,
+        lora: Option<&LoraTensors>,
+        params: &LoraParams,
+        grads: &mut LoraGrads,
+        dropout: Option<DropoutSeed>,
+    ) -> Result<Tensor> {
+        let w = self.weight.dense_as(dy)?;
+        let mut dx = dy.matmul(&w)?;
+        if let (Some(idx), Some(lt)) = (self.lora, lora) {
+            let saved = saved.ok_or_else(|| Error::Msg("LoRA backward without saved activations".into()))?;
+            let (a, b) = &lt.ab[idx];
+            let s = lt.scaling;
+            // dB = s·dyᵀ·u ; dA = s·(dy·B)ᵀ·xd ; dx += s·dropout'((dy·B)·A)
+            let dyb = dy.matmul(b)?; // [N, r]
+            let db = (dy.t()?.matmul(&saved.u)? * s)?;
+            let da = (dyb.t()?.matmul(&saved.xd)? * s)?;
+            let mut dxl = (dyb.matmul(a)? * s)?;
+            if let Some(seed) = dropout {
+                if lt.dropout > 0.0 {
+                    // Dropout is linear with the same mask (and 1/(1-p) scale) in both passes.
+                    dxl = apply_dropout(&dxl, lt.dropout, seed)?;
+                }
+            }
+            dx = (dx + dxl)?;
+            let e = &params.entries[idx];
+            grads.add(e.a_offset, &da)?;
+            grads.add(e.b_offset, &db)?;
+        }
+        Ok(dx)
+    }
+}
+
+/// Inverted dropout with a mask drawn from a seeded ChaCha stream (so recomputation and
+/// backward see the same mask; candle's own RNG is not seedable per call on CPU).
+fn apply_dropout(x: &Tensor, p: f64, seed: DropoutSeed) -> Result<Tensor> {
+    let n = x.elem_count();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed.0);
+    let keep = 1.0 - p;
+    let scale = (1.0 / keep) as f32;
+    let mask: Vec<f32> = (0..n).map(|_| if rng.random::<f64>() < keep { scale } else { 0.0 }).collect();
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    Ok((x * mask)?)
+}

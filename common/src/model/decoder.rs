@@ -1,0 +1,445 @@
+//! The decoder shared by every supported family: block forward and backward side by
+//! side, explicit saved activations, optional per-block activation checkpointing.
+//!
+//! Block wiring (flags from `Family`):
+//! ```text
+//! h = attn_norm(x); a = o_proj(attn(rope(q_proj h), rope(k_proj h), v_proj h))
+//! a = attn_post_norm(a)            # Gemma2 only
+//! x = x + a
+//! h = ffn_norm(x); m = down_proj(act(gate_proj h) * up_proj h)
+//! m = ffn_post_norm(m)             # Gemma2 only
+//! x = x + m
+//! ```
+
+use candle_core::{DType, Device, Tensor, D};
+
+use super::{Family, ModelConfig};
+use crate::lora::{BaseWeight, DropoutSeed, Linear, LinearSaved, LoraGrads, LoraParams, LoraSpec, LoraTensors};
+use crate::nf4::Nf4Tensor;
+use crate::ops::attention::{attention_bwd, attention_fwd, AttnConfig, AttnSaved};
+use crate::ops::activation::{glu_bwd, glu_fwd, Activation};
+use crate::ops::embedding::embedding_fwd;
+use crate::ops::rms_norm::{rms_norm_bwd, rms_norm_fwd, RmsNormSaved};
+use crate::ops::rope::{rope_bwd, rope_fwd, RopeTable};
+use crate::weights::WeightStore;
+use crate::{Error, Result};
+
+/// Short names of the block's linears, in a fixed order (also their dropout stream ids).
+const LINEARS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+
+fn module_path(layer: usize, short: &str) -> String {
+    let group = if matches!(short, "gate_proj" | "up_proj" | "down_proj") { "mlp" } else { "self_attn" };
+    format!("model.layers.{layer}.{group}.{short}")
+}
+
+pub struct Block {
+    attn_norm: Tensor,
+    attn_post_norm: Option<Tensor>,
+    ffn_norm: Tensor,
+    ffn_post_norm: Option<Tensor>,
+    /// q, k, v, o, gate, up, down — the order of `LINEARS`.
+    linears: Vec<Linear>,
+    attn: AttnConfig,
+    act: Activation,
+}
+
+pub struct BlockSaved {
+    n1: RmsNormSaved,
+    lin: Vec<Option<LinearSaved>>,
+    attn: AttnSaved,
+    attn_post: Option<RmsNormSaved>,
+    n2: RmsNormSaved,
+    gate: Tensor,
+    up: Tensor,
+    ffn_post: Option<RmsNormSaved>,
+}
+
+/// Everything one forward needs besides the weights.
+pub struct StepCtx<'a> {
+    pub position_ids: &'a Tensor,
+    pub segment_ids: Option<&'a Tensor>,
+    pub lora: Option<&'a LoraTensors>,
+    /// Base seed for this microbatch's dropout masks; None = no dropout (eval, teacher).
+    pub dropout_seed: Option<u64>,
+}
+
+impl StepCtx<'_> {
+    fn dropout(&self, layer: usize, linear: usize) -> Option<DropoutSeed> {
+        self.dropout_seed.map(|s| {
+            // SplitMix-style mixing so neighbouring (layer, linear) pairs get unrelated masks.
+            let mut z = s ^ ((layer as u64) << 8 | linear as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            DropoutSeed(z ^ (z >> 31))
+        })
+    }
+}
+
+pub struct Model {
+    pub cfg: ModelConfig,
+    pub embed: Tensor,
+    pub blocks: Vec<Block>,
+    pub norm: Tensor,
+    /// None when tied to `embed`.
+    lm_head: Option<Tensor>,
+    rope: RopeTable,
+    unit_offset: bool,
+    embed_scale: Option<f64>,
+    device: Device,
+    dtype: DType,
+}
+
+pub struct ModelSaved {
+    /// With checkpointing: each block's input (recomputed in backward); else None.
+    block_inputs: Vec<Tensor>,
+    block_saved: Vec<BlockSaved>,
+    final_norm: RmsNormSaved,
+    shape: (usize, usize),
+}
+
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Original layer indices to keep (depth-pruned student); None keeps all.
+    pub keep_layers: Option<Vec<usize>>,
+    /// Quantize the block linears to NF4 on load (bitsandbytes semantics).
+    pub nf4: bool,
+    pub double_quant: bool,
+    pub device: Device,
+    /// Compute dtype of activations and dense weights (f32, bf16; f64 for gradient checks).
+    pub dtype: DType,
+}
+
+impl Model {
+    pub fn load(store: &WeightStore, cfg: &ModelConfig, opts: &LoadOptions) -> Result<Self> {
+        let keep: Vec<usize> = match &opts.keep_layers {
+            Some(k) => {
+                if let Some(&bad) = k.iter().find(|&&i| i >= cfg.num_hidden_layers) {
+                    return Err(Error::Config(format!(
+                        "keep_layers names layer {bad}, but {} has only {} layers",
+                        store.path().display(),
+                        cfg.num_hidden_layers
+                    )));
+                }
+                k.clone()
+            }
+            None => (0..cfg.num_hidden_layers).collect(),
+        };
+        let dev = &opts.device;
+        let d = cfg.hidden_size;
+        let dt = opts.dtype;
+        let get = |name: &str, shape: &[usize]| -> Result<Tensor> { Ok(store.get(name, shape, dev)?.to_dtype(dt)?) };
+        let embed = get("model.embed_tokens.weight", &[cfg.vocab_size, d])?;
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(get("lm_head.weight", &[cfg.vocab_size, d])?)
+        };
+        let norm = get("model.norm.weight", &[d])?;
+        let gemma2 = cfg.family == Family::Gemma2;
+        let mut blocks = Vec::with_capacity(keep.len());
+        for &i in &keep {
+            let p = |s: &str| format!("model.layers.{i}.{s}");
+            let mut linears = Vec::with_capacity(7);
+            for short in LINEARS {
+                let (inf, outf) = cfg.linear_shape(short).expect("known linear");
+                let name = format!("{}.weight", module_path(i, short));
+                let w = store.get(&name, &[outf, inf], dev)?;
+                let weight = if opts.nf4 {
+                    let v = w.flatten_all()?.to_vec1::<f32>()?;
+                    BaseWeight::Nf4(Nf4Tensor::quantize(&v, outf, inf, opts.double_quant)?)
+                } else {
+                    BaseWeight::Dense(w.to_dtype(dt)?)
+                };
+                let has_bias = match short {
+                    "q_proj" | "k_proj" | "v_proj" => cfg.attention_bias,
+                    "o_proj" => cfg.attention_bias && cfg.model_type != "qwen2",
+                    _ => cfg.mlp_bias,
+                };
+                let bias = if has_bias {
+                    Some(get(&format!("{}.bias", module_path(i, short)), &[outf])?)
+                } else {
+                    None
+                };
+                linears.push(Linear { weight, bias, in_features: inf, out_features: outf, lora: None });
+            }
+            let (attn_post_norm, ffn_norm, ffn_post_norm) = if gemma2 {
+                (
+                    Some(get(&p("post_attention_layernorm.weight"), &[d])?),
+                    get(&p("pre_feedforward_layernorm.weight"), &[d])?,
+                    Some(get(&p("post_feedforward_layernorm.weight"), &[d])?),
+                )
+            } else {
+                (None, get(&p("post_attention_layernorm.weight"), &[d])?, None)
+            };
+            blocks.push(Block {
+                attn_norm: get(&p("input_layernorm.weight"), &[d])?,
+                attn_post_norm,
+                ffn_norm,
+                ffn_post_norm,
+                linears,
+                attn: AttnConfig {
+                    n_heads: cfg.num_attention_heads,
+                    n_kv_heads: cfg.num_key_value_heads,
+                    head_dim: cfg.head_dim,
+                    scale: cfg.attn_scale,
+                    sliding_window: cfg.layer_window[i],
+                    softcap: cfg.attn_logit_softcapping,
+                },
+                act: cfg.hidden_act.clone(),
+            });
+        }
+        let cfg = cfg.with_layers(&keep);
+        let rope = RopeTable::new(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling.clone(), cfg.max_position_embeddings, dev)?;
+        let gemma = matches!(cfg.family, Family::Gemma | Family::Gemma2);
+        Ok(Self {
+            embed_scale: gemma.then(|| (cfg.hidden_size as f64).sqrt()),
+            unit_offset: gemma,
+            cfg,
+            embed,
+            blocks,
+            norm,
+            lm_head,
+            rope,
+            device: opts.device.clone(),
+            dtype: dt,
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The LM head weight [V, d] (the embedding when tied).
+    pub fn lm_head(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+
+    /// Every targeted linear as (module path, in, out), in model order; assigns each its
+    /// slot in the flat adapter buffer.
+    pub fn attach_lora(&mut self, spec: &LoraSpec) -> Result<Vec<(String, usize, usize)>> {
+        for t in &spec.target_modules {
+            if !LINEARS.contains(&t.as_str()) {
+                return Err(Error::Config(format!(
+                    "lora.target_modules: `{t}` is not a linear layer of this model (valid: {})",
+                    LINEARS.join(", ")
+                )));
+            }
+        }
+        let mut modules = Vec::new();
+        for (li, b) in self.blocks.iter_mut().enumerate() {
+            for (k, short) in LINEARS.iter().enumerate() {
+                let l = &mut b.linears[k];
+                l.lora = None;
+                if spec.targets(short) {
+                    l.lora = Some(modules.len());
+                    modules.push((module_path(li, short), l.in_features, l.out_features));
+                }
+            }
+        }
+        Ok(modules)
+    }
+
+    /// Bytes held by the frozen base (what NF4 saves).
+    pub fn base_memory_bytes(&self) -> usize {
+        let t = |x: &Tensor| x.elem_count() * x.dtype().size_in_bytes();
+        let mut n = t(&self.embed) + t(&self.norm) + self.lm_head.as_ref().map_or(0, t);
+        for b in &self.blocks {
+            n += b.linears.iter().map(|l| l.weight.memory_bytes() + l.bias.as_ref().map_or(0, t)).sum::<usize>();
+            n += t(&b.attn_norm) + t(&b.ffn_norm);
+        }
+        n
+    }
+
+    fn embed_tokens(&self, ids: &Tensor) -> Result<Tensor> {
+        embedding_fwd(ids, &self.embed, self.embed_scale)
+    }
+
+    /// Forward for training: returns the final normed hidden states [B·T, d] and what the
+    /// backward needs. With `checkpointing`, only block inputs are kept.
+    pub fn forward_train(&self, ids: &Tensor, ctx: &StepCtx, checkpointing: bool) -> Result<(Tensor, ModelSaved)> {
+        let (b, t) = ids.dims2()?;
+        let mut x = self.embed_tokens(ids)?;
+        let mut block_inputs = Vec::new();
+        let mut block_saved = Vec::new();
+        for (li, blk) in self.blocks.iter().enumerate() {
+            if checkpointing {
+                block_inputs.push(x.clone());
+                x = blk.forward(&x, ctx, li, &self.rope, self.unit_offset, self.cfg.rms_norm_eps, false)?.0;
+            } else {
+                let (y, s) = blk.forward(&x, ctx, li, &self.rope, self.unit_offset, self.cfg.rms_norm_eps, true)?;
+                block_saved.push(s.expect("saved"));
+                x = y;
+            }
+        }
+        let (h, final_norm) = rms_norm_fwd(&x, &self.norm, self.cfg.rms_norm_eps, self.unit_offset)?;
+        let h = h.reshape((b * t, self.cfg.hidden_size))?;
+        Ok((h, ModelSaved { block_inputs, block_saved, final_norm, shape: (b, t) }))
+    }
+
+    /// Backward from dL/dh [B·T, d]; accumulates adapter gradients into `grads`.
+    pub fn backward(
+        &self,
+        dh: &Tensor,
+        saved: ModelSaved,
+        ctx: &StepCtx,
+        params: &LoraParams,
+        grads: &mut LoraGrads,
+    ) -> Result<()> {
+        let (b, t) = saved.shape;
+        let dh = dh.reshape((b, t, self.cfg.hidden_size))?;
+        let mut dx = rms_norm_bwd(&dh, &self.norm, self.unit_offset, &saved.final_norm)?;
+        let ModelSaved { block_inputs, mut block_saved, .. } = saved;
+        for li in (0..self.blocks.len()).rev() {
+            let blk = &self.blocks[li];
+            let s = if block_inputs.is_empty() {
+                block_saved.pop().expect("one saved per block")
+            } else {
+                // Recompute this block's forward with saves; dropout masks are seeded per
+                // (step, layer, linear) so they match the first pass exactly.
+                let (_, s) = blk.forward(&block_inputs[li], ctx, li, &self.rope, self.unit_offset, self.cfg.rms_norm_eps, true)?;
+                s.expect("saved")
+            };
+            dx = blk.backward(&dx, s, ctx, li, &self.rope, self.unit_offset, params, grads)?;
+        }
+        Ok(())
+    }
+
+    /// Inference forward: final normed hidden states [B·T, d], nothing saved. `lora` None
+    /// runs the frozen base alone (the LwF teacher).
+    pub fn forward_hidden(&self, ids: &Tensor, ctx: &StepCtx) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let mut x = self.embed_tokens(ids)?;
+        for (li, blk) in self.blocks.iter().enumerate() {
+            x = blk.forward(&x, ctx, li, &self.rope, self.unit_offset, self.cfg.rms_norm_eps, false)?.0;
+        }
+        let (h, _) = rms_norm_fwd(&x, &self.norm, self.cfg.rms_norm_eps, self.unit_offset)?;
+        Ok(h.reshape((b * t, self.cfg.hidden_size))?)
+    }
+
+    /// Full logits [B·T, V] with final soft-capping (eval and small models only: training
+    /// never materialises these, the fused loss works on hidden states).
+    pub fn logits(&self, h: &Tensor) -> Result<Tensor> {
+        let mut z = h.matmul(&self.lm_head().t()?)?;
+        if let Some(cap) = self.cfg.final_logit_softcapping {
+            z = ((z / cap)?.tanh()? * cap)?;
+        }
+        Ok(z)
+    }
+}
+
+impl Block {
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &self,
+        x: &Tensor,
+        ctx: &StepCtx,
+        layer: usize,
+        rope: &RopeTable,
+        unit_offset: bool,
+        eps: f64,
+        save: bool,
+    ) -> Result<(Tensor, Option<BlockSaved>)> {
+        let (b, t, d) = x.dims3()?;
+        let n = b * t;
+        let (hq, hkv, hd) = (self.attn.n_heads, self.attn.n_kv_heads, self.attn.head_dim);
+        let (h1, n1) = rms_norm_fwd(x, &self.attn_norm, eps, unit_offset)?;
+        let h1 = h1.reshape((n, d))?;
+        let mut lin: Vec<Option<LinearSaved>> = Vec::with_capacity(7);
+        let mut run = |k: usize, inp: &Tensor, lin: &mut Vec<Option<LinearSaved>>| -> Result<Tensor> {
+            let (y, s) = self.linears[k].forward(inp, ctx.lora, ctx.dropout(layer, k), save)?;
+            lin.push(s);
+            Ok(y)
+        };
+        let heads = |y: Tensor, h: usize| -> Result<Tensor> { Ok(y.reshape((b, t, h, hd))?.transpose(1, 2)?.contiguous()?) };
+        let q = heads(run(0, &h1, &mut lin)?, hq)?;
+        let k = heads(run(1, &h1, &mut lin)?, hkv)?;
+        let v = heads(run(2, &h1, &mut lin)?, hkv)?;
+        let q = rope_fwd(&q, rope, ctx.position_ids)?;
+        let k = rope_fwd(&k, rope, ctx.position_ids)?;
+        let (o, attn) = attention_fwd(&q, &k, &v, &self.attn, ctx.segment_ids)?;
+        let o = o.transpose(1, 2)?.contiguous()?.reshape((n, hq * hd))?;
+        let mut a = run(3, &o, &mut lin)?.reshape((b, t, d))?;
+        let mut attn_post = None;
+        if let Some(w) = &self.attn_post_norm {
+            let (y, s) = rms_norm_fwd(&a, w, eps, unit_offset)?;
+            a = y;
+            attn_post = Some(s);
+        }
+        let x1 = (x + a)?;
+        let (h2, n2) = rms_norm_fwd(&x1, &self.ffn_norm, eps, unit_offset)?;
+        let h2 = h2.reshape((n, d))?;
+        let gate = run(4, &h2, &mut lin)?;
+        let up = run(5, &h2, &mut lin)?;
+        let m = glu_fwd(&gate, &up, self.act.clone())?;
+        let mut dn = run(6, &m, &mut lin)?.reshape((b, t, d))?;
+        let mut ffn_post = None;
+        if let Some(w) = &self.ffn_post_norm {
+            let (y, s) = rms_norm_fwd(&dn, w, eps, unit_offset)?;
+            dn = y;
+            ffn_post = Some(s);
+        }
+        let out = (x1 + dn)?;
+        let saved = save.then(|| BlockSaved { n1, lin, attn, attn_post, n2, gate, up, ffn_post });
+        Ok((out, saved))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn backward(
+        &self,
+        dy: &Tensor,
+        s: BlockSaved,
+        ctx: &StepCtx,
+        layer: usize,
+        rope: &RopeTable,
+        unit_offset: bool,
+        params: &LoraParams,
+        grads: &mut LoraGrads,
+    ) -> Result<Tensor> {
+        let (b, t, d) = dy.dims3()?;
+        let n = b * t;
+        let (hq, hkv, hd) = (self.attn.n_heads, self.attn.n_kv_heads, self.attn.head_dim);
+        let lin_bwd = |k: usize, g: &Tensor, grads: &mut LoraGrads| -> Result<Tensor> {
+            self.linears[k].backward(g, s.lin[k].as_ref(), ctx.lora, params, grads, ctx.dropout(layer, k))
+        };
+        // Feed-forward half: x2 = x1 + post(down(act(gate)·up)).
+        let mut ddn = dy.clone();
+        if let (Some(w), Some(ps)) = (&self.ffn_post_norm, &s.ffn_post) {
+            ddn = rms_norm_bwd(&ddn, w, unit_offset, ps)?;
+        }
+        let dm = lin_bwd(6, &ddn.reshape((n, d))?, grads)?;
+        let (dgate, dup) = glu_bwd(&dm, &s.gate, &s.up, self.act.clone())?;
+        let dh2 = (lin_bwd(4, &dgate, grads)? + lin_bwd(5, &dup, grads)?)?;
+        let dx1 = (dy + rms_norm_bwd(&dh2.reshape((b, t, d))?, &self.ffn_norm, unit_offset, &s.n2)?)?;
+        // Attention half: x1 = x + post(o_proj(attn(...))).
+        let mut da = dx1.clone();
+        if let (Some(w), Some(ps)) = (&self.attn_post_norm, &s.attn_post) {
+            da = rms_norm_bwd(&da, w, unit_offset, ps)?;
+        }
+        let dout = lin_bwd(3, &da.reshape((n, d))?, grads)?;
+        let dout = dout.reshape((b, t, hq, hd))?.transpose(1, 2)?.contiguous()?;
+        let (dq, dk, dv) = attention_bwd(&dout, &s.attn, &self.attn, ctx.segment_ids)?;
+        let dq = rope_bwd(&dq, rope, ctx.position_ids)?;
+        let dk = rope_bwd(&dk, rope, ctx.position_ids)?;
+        let flat = |g: Tensor, h: usize| -> Result<Tensor> { Ok(g.transpose(1, 2)?.contiguous()?.reshape((n, h * hd))?) };
+        let dh1 = ((lin_bwd(0, &flat(dq, hq)?, grads)? + lin_bwd(1, &flat(dk, hkv)?, grads)?)?
+            + lin_bwd(2, &flat(dv, hkv)?, grads)?)?;
+        let dx = (dx1 + rms_norm_bwd(&dh1.reshape((b, t, d))?, &self.attn_norm, unit_offset, &s.n1)?)?;
+        Ok(dx)
+    }
+}
+
+/// Token-level log-softmax helper used by eval paths: log p(label) per position.
+pub fn token_logprobs(logits: &Tensor, labels: &[i64]) -> Result<Vec<f32>> {
+    let lsm = candle_core::Tensor::log_sum_exp(logits, D::Minus1)?;
+    let z = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+    let lse = lsm.to_vec1::<f32>()?;
+    Ok(labels
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| if l < 0 { f32::NAN } else { z[i][l as usize] - lse[i] })
+        .collect())
+}

@@ -1,0 +1,200 @@
+//! The student and teacher roles of one training step, and the embedded single-process
+//! run that drives them (what `qdistill train` runs on one machine).
+//!
+//! One optimizer step = `gradient_accumulation_steps` microbatches. For each: the teacher
+//! computes its final hidden states (or nothing, for SFT), the student runs its
+//! hand-written forward, the fused LM-head loss returns dL/dh, and the student's backward
+//! accumulates adapter gradients into one flat buffer. Gradients are normalised by the
+//! number of target tokens in the whole accumulated batch, so accumulation is exactly
+//! equivalent to one large batch.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use qdistill_common::data::Batch;
+use qdistill_common::lora::{LoraGrads, LoraParams};
+use qdistill_common::loss::{fused_linear_distill, KdLoss, LossConfig, TeacherOutput};
+use qdistill_common::model::decoder::StepCtx;
+use qdistill_common::model::Model;
+use qdistill_common::optim::{clip_grad_norm, AdamW};
+use qdistill_common::Result;
+
+/// Where the teacher's outputs come from.
+pub enum Teacher {
+    /// A separate model (same tokenizer).
+    Model(Model),
+    /// Learning without Forgetting: the student's own frozen base, adapters off.
+    Lwf,
+    /// Plain SFT.
+    None,
+}
+
+/// Batch tensors on the device.
+pub struct DeviceBatch {
+    pub ids: Tensor,
+    pub position_ids: Tensor,
+    pub segment_ids: Option<Tensor>,
+    pub labels: Vec<i64>,
+    pub n_target: usize,
+}
+
+impl DeviceBatch {
+    pub fn new(b: &Batch, device: &Device) -> Result<Self> {
+        let shape = (b.batch, b.seq_len);
+        let packed = b.segment_ids.iter().any(|&s| s != b.segment_ids[0]);
+        Ok(Self {
+            ids: Tensor::from_slice(&b.input_ids, shape, device)?,
+            position_ids: Tensor::from_slice(&b.position_ids, shape, device)?,
+            segment_ids: if packed { Some(Tensor::from_slice(&b.segment_ids, shape, device)?) } else { None },
+            labels: b.labels.clone(),
+            n_target: b.labels.iter().filter(|&&l| l >= 0).count(),
+        })
+    }
+}
+
+/// Loss sums of one or more microbatches.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LossSums {
+    pub ce: f64,
+    pub kd: f64,
+    pub tokens: usize,
+}
+
+impl LossSums {
+    pub fn add(&mut self, o: &LossSums) {
+        self.ce += o.ce;
+        self.kd += o.kd;
+        self.tokens += o.tokens;
+    }
+    pub fn ce_mean(&self) -> f64 {
+        self.ce / self.tokens.max(1) as f64
+    }
+    pub fn kd_mean(&self) -> f64 {
+        self.kd / self.tokens.max(1) as f64
+    }
+}
+
+/// The teacher's final hidden states for a batch (None for SFT).
+pub fn teacher_hidden(teacher: &Teacher, student: &Model, batch: &DeviceBatch) -> Result<Option<Tensor>> {
+    let ctx = StepCtx { position_ids: &batch.position_ids, segment_ids: batch.segment_ids.as_ref(), lora: None, dropout_seed: None };
+    Ok(match teacher {
+        Teacher::Model(m) => Some(m.forward_hidden(&batch.ids, &ctx)?),
+        Teacher::Lwf => Some(student.forward_hidden(&batch.ids, &ctx)?),
+        Teacher::None => None,
+    })
+}
+
+fn teacher_output<'a>(teacher: &'a Teacher, student: &'a Model, h_t: Option<&'a Tensor>) -> TeacherOutput<'a> {
+    match (teacher, h_t) {
+        (Teacher::Model(m), Some(h)) => TeacherOutput::Hidden { h, lm_head: m.lm_head(), softcap: m.cfg.final_logit_softcapping },
+        (Teacher::Lwf, Some(h)) => {
+            TeacherOutput::Hidden { h, lm_head: student.lm_head(), softcap: student.cfg.final_logit_softcapping }
+        }
+        _ => TeacherOutput::None,
+    }
+}
+
+/// The student role: model, adapters, gradients, optimizer.
+pub struct Student {
+    pub model: Model,
+    pub params: LoraParams,
+    pub grads: LoraGrads,
+    pub opt: AdamW,
+    pub loss: LossConfig,
+    pub checkpointing: bool,
+}
+
+impl Student {
+    /// Forward + backward of one microbatch; gradients scaled by `grad_scale`
+    /// (1 / target tokens of the accumulated batch).
+    pub fn micro_step(
+        &mut self,
+        batch: &DeviceBatch,
+        teacher: &Teacher,
+        h_t: Option<&Tensor>,
+        grad_scale: f64,
+        dropout_seed: u64,
+    ) -> Result<LossSums> {
+        let lora = self.params.to_device(self.model.device(), self.model.dtype())?;
+        let ctx = StepCtx {
+            position_ids: &batch.position_ids,
+            segment_ids: batch.segment_ids.as_ref(),
+            lora: Some(&lora),
+            dropout_seed: Some(dropout_seed),
+        };
+        let (h, saved) = self.model.forward_train(&batch.ids, &ctx, self.checkpointing)?;
+        let out = fused_linear_distill(
+            &h,
+            self.model.lm_head(),
+            &batch.labels,
+            teacher_output(teacher, &self.model, h_t),
+            &self.loss,
+            grad_scale,
+        )?;
+        self.model.backward(&out.dh, saved, &ctx, &self.params, &mut self.grads)?;
+        Ok(LossSums { ce: out.ce_sum, kd: out.kd_sum, tokens: out.n_tokens })
+    }
+
+    /// Clip, step, zero. Returns the pre-clip gradient norm.
+    pub fn optimizer_step(&mut self, lr: f64, max_grad_norm: f64) -> f64 {
+        let norm = if max_grad_norm > 0.0 {
+            clip_grad_norm(&mut self.grads.flat, max_grad_norm)
+        } else {
+            self.grads.flat.iter().map(|g| (*g as f64) * (*g as f64)).sum::<f64>().sqrt()
+        };
+        self.opt.step(&mut self.params.values, &self.grads.flat, lr);
+        self.grads.zero();
+        norm
+    }
+
+    /// CE and KL(teacher ‖ student) at T = 1 over `batches`, adapters on; the metric the
+    /// quick start shows falling. No dropout, no gradients kept.
+    pub fn evaluate(&self, batches: &[DeviceBatch], teacher: &Teacher) -> Result<LossSums> {
+        let lora = self.params.to_device(self.model.device(), self.model.dtype())?;
+        let cfg = LossConfig { ce_weight: 1.0, kd_weight: 1.0, kd: KdLoss::ForwardKl, temperature: 1.0, ..self.loss.clone() };
+        let mut sums = LossSums::default();
+        for b in batches {
+            let h_t = teacher_hidden(teacher, &self.model, b)?;
+            let ctx = StepCtx { position_ids: &b.position_ids, segment_ids: b.segment_ids.as_ref(), lora: Some(&lora), dropout_seed: None };
+            let h = self.model.forward_hidden(&b.ids, &ctx)?;
+            let out = fused_linear_distill(&h, self.model.lm_head(), &b.labels, teacher_output(teacher, &self.model, h_t.as_ref()), &cfg, 1.0)?;
+            sums.add(&LossSums { ce: out.ce_sum, kd: out.kd_sum, tokens: out.n_tokens });
+        }
+        Ok(sums)
+    }
+}
+
+/// Seed for one microbatch's dropout masks: a pure function of (run seed, step, micro) so
+/// that a resumed run draws the same masks.
+pub fn dropout_seed(seed: u64, step: u64, micro: u64) -> u64 {
+    seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ step.wrapping_mul(0xD1B5_4A32_D192_ED03) ^ micro.wrapping_add(1).wrapping_mul(0xABCD_EF12_3456_789B)
+}
+
+/// Elapsed-time helper for tokens/s.
+pub struct Throughput {
+    start: Instant,
+    tokens: u64,
+}
+
+impl Throughput {
+    pub fn new() -> Self {
+        Self { start: Instant::now(), tokens: 0 }
+    }
+    pub fn add(&mut self, n: usize) {
+        self.tokens += n as u64;
+    }
+    pub fn tokens_per_sec(&self) -> f64 {
+        self.tokens as f64 / self.start.elapsed().as_secs_f64().max(1e-9)
+    }
+}
+
+impl Default for Throughput {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+pub fn output_paths(output_dir: &Path) -> (PathBuf, PathBuf) {
+    (output_dir.join("final_model"), output_dir.join("metrics.jsonl"))
+}
