@@ -19,7 +19,11 @@ pub struct RmsNormSaved {
 /// The weight as it multiplies the normalised input: Gemma stores `w` and multiplies by
 /// `1 + w`, so that a zero-initialised weight is the identity.
 fn effective_weight(weight: &Tensor, unit_offset: bool) -> Result<Tensor> {
-    Ok(if unit_offset { weight.affine(1.0, 1.0)? } else { weight.clone() })
+    Ok(if unit_offset {
+        weight.affine(1.0, 1.0)?
+    } else {
+        weight.clone()
+    })
 }
 
 fn check_weight(op: &str, last_dim: usize, weight: &Tensor) -> Result<()> {
@@ -121,7 +125,11 @@ mod tests {
             let xt = x.as_tensor();
             let ms = (xt.sqr().unwrap().sum_keepdim(2).unwrap() / 8.0).unwrap();
             let r = (ms + EPS).unwrap().sqrt().unwrap();
-            let w_eff = if unit_offset { (&w + 1.0).unwrap() } else { w.clone() };
+            let w_eff = if unit_offset {
+                (&w + 1.0).unwrap()
+            } else {
+                w.clone()
+            };
             let y = xt.broadcast_div(&r).unwrap().broadcast_mul(&w_eff).unwrap();
             let grads = (y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
             let want = grads.get(xt).unwrap();
@@ -157,6 +165,9 @@ mod tests {
         let x = rand_tensor(9, (2, 4), DType::F32);
         let w = rand_tensor(10, 5, DType::F32);
         let err = rms_norm_fwd(&x, &w, EPS, false).unwrap_err().to_string();
-        assert!(err.contains("norm weight has shape [5], expected [4]"), "{err}");
+        assert!(
+            err.contains("norm weight has shape [5], expected [4]"),
+            "{err}"
+        );
     }
 }
