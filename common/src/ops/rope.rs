@@ -203,18 +203,17 @@ impl RopeTable {
                 original_max_position_embeddings,
             ),
         };
-        let half = head_dim / 2;
         let mut cos = Vec::with_capacity(max_len * head_dim);
         let mut sin = Vec::with_capacity(max_len * head_dim);
         for p in 0..max_len {
-            // HF multiplies float32 positions by float32 inv_freq, then takes cos/sin in f32.
+            // HF multiplies float32 positions by float32 inv_freq, then takes cos/sin in
+            // f32; doing the same keeps the table within 1 ulp of transformers'.
             let angles: Vec<f32> = inv_freq.iter().map(|f| p as f32 * f).collect();
             for _ in 0..2 {
                 cos.extend(angles.iter().map(|a| a.cos()));
                 sin.extend(angles.iter().map(|a| a.sin()));
             }
         }
-        debug_assert_eq!(cos.len(), max_len * 2 * half);
         Ok(Self {
             head_dim,
             max_len,
@@ -363,6 +362,94 @@ mod tests {
             }
         }
         out
+    }
+
+    // f32 bit patterns from transformers 5.17.0 / torch 2.11.0 (`LlamaRotaryEmbedding`,
+    // `inv_freq` and the cos/sin it returns): Llama-3.1 rope (head_dim 128, theta 5e5,
+    // llama3 factor 8, low 1, high 4, original 8192); linear factor 4 and default, both
+    // head_dim 64, theta 1e4. Cos/sin are the first half of the row for position 65535,
+    // where any difference in how the angle is rounded would show.
+    const HF_LLAMA3_INV_FREQ: [u32; 64] = [
+        0x3f800000, 0x3f508ac1, 0x3f29e1c6, 0x3f0a6384, 0x3ee177bc, 0x3eb7ab7d, 0x3e959ee3,
+        0x3e73c461, 0x3e4693b0, 0x3e21c3a0, 0x3e03c6a0, 0x3dd6b19c, 0x3daee4ad, 0x3d8e7898,
+        0x3d681e67, 0x3d3d1684, 0x3d1a08c8, 0x3cfaf53f, 0x3ccc6f49, 0x3ca68939, 0x3c87a9c3,
+        0x3c5d06ec, 0x3c340d6d, 0x3c12ac7f, 0x3beef74f, 0x3bc2aa76, 0x3b9e9402, 0x3b812e35,
+        0x3b527720, 0x3b0dfd06, 0x3ab3d11d, 0x3a60979e, 0x3a0995d2, 0x39a3f108, 0x393b2dd2,
+        0x38c86886, 0x38a3418d, 0x3884fdbf, 0x3858ac81, 0x38308199, 0x380fc8f8, 0x37ea426f,
+        0x37bed4f4, 0x379b7475, 0x377d45c3, 0x374e51f5, 0x3728126b, 0x3708ea0f, 0x36df10c4,
+        0x36b5b687, 0x369406cb, 0x36712b80, 0x36447610, 0x36200a69, 0x36025f34, 0x35d46808,
+        0x35ad07a7, 0x358cf400, 0x3565a54d, 0x353b12c7, 0x351864a7, 0x34f848c2, 0x34ca41b0,
+        0x34a4c2ff,
+    ];
+    const HF_LINEAR_INV_FREQ: [u32; 32] = [
+        0x3e800000, 0x3e3ff911, 0x3e0ff59a, 0x3dd7e89b, 0x3da1e89b, 0x3d72d423, 0x3d361887,
+        0x3d088d77, 0x3ccccccd, 0x3c99940d, 0x3c6655c2, 0x3c2cba15, 0x3c0186e3, 0x3bc2434f,
+        0x3b91ad39, 0x3b5a7bf2, 0x3b23d70a, 0x3af5b9b0, 0x3ab8449c, 0x3a8a2e77, 0x3a4f3e38,
+        0x3a1b690d, 0x39e91528, 0x39aec98e, 0x3983126f, 0x3944948c, 0x39136a16, 0x38dd1725,
+        0x38a5cb60, 0x3878a815, 0x383a7753, 0x380bd472,
+    ];
+    const HF_DEFAULT_INV_FREQ: [u32; 32] = [
+        0x3f800000, 0x3f3ff911, 0x3f0ff59a, 0x3ed7e89b, 0x3ea1e89b, 0x3e72d423, 0x3e361887,
+        0x3e088d77, 0x3dcccccd, 0x3d99940d, 0x3d6655c2, 0x3d2cba15, 0x3d0186e3, 0x3cc2434f,
+        0x3c91ad39, 0x3c5a7bf2, 0x3c23d70a, 0x3bf5b9b0, 0x3bb8449c, 0x3b8a2e77, 0x3b4f3e38,
+        0x3b1b690d, 0x3ae91528, 0x3aaec98e, 0x3a83126f, 0x3a44948c, 0x3a136a16, 0x39dd1725,
+        0x39a5cb60, 0x3978a815, 0x393a7753, 0x390bd472,
+    ];
+    const HF_LLAMA3_COS_65535: [u32; 64] = [
+        0x3e44f5d5, 0xbf284636, 0xbf7fc575, 0xbf38e34e, 0x3f39fa3e, 0xbf298b2c, 0x3f7fffeb,
+        0x3f751d2a, 0xbf0d7a7f, 0xbeb96803, 0x3d9fdb79, 0xbf57f2b6, 0xbe7ba4c4, 0xbf59b791,
+        0x3f62f422, 0xbf7ffe3a, 0x3d8b9403, 0xbf7ce84a, 0xbe808be1, 0x3f791c17, 0xbe069526,
+        0xbe857041, 0xbf370ebf, 0xbf33e723, 0x3f6b84fb, 0x3f792880, 0xbf7d25f9, 0x3f3bede3,
+        0xbf7fec34, 0xbf512994, 0xbeb9f081, 0x3f6ba544, 0xbf7ca8b2, 0xbd9361b8, 0x3f257e55,
+        0x3f7ff233, 0x3ec25160, 0xbf073804, 0xbf786c9d, 0xbf6d61ff, 0xbf2022ba, 0xbe834af5,
+        0x3da38db8, 0x3eb299f6, 0x3f0c9b9b, 0x3f3143fc, 0x3f4ac868, 0x3f5c40cd, 0x3f68162b,
+        0x3f700bd1, 0x3f756020, 0x3f78eeda, 0x3f7b4d93, 0x3f7ce13f, 0x3f7ded95, 0x3f7e9fdb,
+        0x3f7f163f, 0x3f7f64d9, 0x3f7f9907, 0x3f7fbba9, 0x3f7fd2a6, 0x3f7fe1e7, 0x3f7fec07,
+        0x3f7ff2bf,
+    ];
+    const HF_LLAMA3_SIN_65535: [u32; 64] = [
+        0x3f7b3848, 0xbf40ec9d, 0xbd2d1788, 0x3f3110f7, 0x3f2febe6, 0xbf3fcf47, 0x3ace5a1e,
+        0xbe93b7d9, 0xbf555a91, 0xbf6ea020, 0x3f7f380d, 0x3f097c70, 0xbf78264b, 0xbf06aad5,
+        0x3eece14f, 0xbbf11faa, 0x3f7f679e, 0xbe1eaff3, 0x3f77ccdc, 0x3e6bfa54, 0xbf7dc785,
+        0xbf772723, 0xbf32f536, 0x3f362103, 0x3ec8aa30, 0xbe6b284f, 0x3e186a98, 0x3f2dd5c1,
+        0x3cc95707, 0xbf139abf, 0x3f6e8592, 0xbec81256, 0x3e24e5b4, 0x3f7f5615, 0xbf43509c,
+        0xbca8199d, 0xbf6cd8a3, 0xbf595ffd, 0xbe7744ef, 0x3ebfae58, 0x3f47bb33, 0x3f7770a4,
+        0x3f7f2eaf, 0x3f6feb67, 0x3f55edb8, 0x3f38b264, 0x3f1c40de, 0x3f027a6a, 0x3ed81283,
+        0x3eb1eb6a, 0x3e91f886, 0x3e6ef166, 0x3e434155, 0x3e1f6334, 0x3e02049b, 0x3dd405c7,
+        0x3dacd24d, 0x3d8cd6f8, 0x3d65859c, 0x3d3b0166, 0x3d185b0f, 0x3cf83e0f, 0x3cca3ba3,
+        0x3ca4bf82,
+    ];
+
+    fn from_bits(bits: &[u32]) -> Vec<f64> {
+        bits.iter().map(|&b| f32::from_bits(b) as f64).collect()
+    }
+
+    #[test]
+    fn inv_freq_is_bit_exact_with_transformers() {
+        let bits = |t: &RopeTable| t.inv_freq().iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        let dev = &Device::Cpu;
+        let llama3 = RopeTable::new(128, 500_000.0, Some(LLAMA31), 1, dev).unwrap();
+        assert_eq!(bits(&llama3), HF_LLAMA3_INV_FREQ, "llama3");
+        let linear = RopeTable::new(64, 1e4, Some(RopeScaling::Linear { factor: 4.0 }), 1, dev);
+        assert_eq!(bits(&linear.unwrap()), HF_LINEAR_INV_FREQ, "linear");
+        let default = RopeTable::new(64, 1e4, None, 1, dev).unwrap();
+        assert_eq!(bits(&default), HF_DEFAULT_INV_FREQ, "default");
+    }
+
+    #[test]
+    fn cos_sin_match_transformers_at_a_far_position() {
+        let table = RopeTable::new(128, 500_000.0, Some(LLAMA31), 65536, &Device::Cpu).unwrap();
+        for (tab, hf, what) in [
+            (table.cos(), &HF_LLAMA3_COS_65535, "cos"),
+            (table.sin(), &HF_LLAMA3_SIN_65535, "sin"),
+        ] {
+            let row = to_f64_vec(&tab.get(65535).unwrap());
+            let want = from_bits(hf);
+            // Both halves of a row carry the same frequencies (HF `cat(freqs, freqs)`).
+            let want: Vec<f64> = want.iter().chain(&want).copied().collect();
+            // 1 ulp of f32 near 1: torch's and Rust's cos/sin may round differently.
+            assert_close_vec(&row, &want, 6e-8, 0.0, what);
+        }
     }
 
     #[test]
