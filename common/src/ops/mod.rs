@@ -11,3 +11,5 @@ pub mod attention;
 pub mod embedding;
 pub mod rms_norm;
 pub mod rope;
+#[cfg(test)]
+pub(crate) mod testutil;
