@@ -60,12 +60,19 @@ pub enum TeacherOutput<'a> {
     Logits(&'a Tensor),
     /// The teacher's final normed hidden states `[N, dt]` and its LM head `[Vt, dt]`; the
     /// head is applied inside the chunk loop, so teacher logits never exist in full either.
-    Hidden { h: &'a Tensor, lm_head: &'a Tensor, softcap: Option<f64> },
+    Hidden {
+        h: &'a Tensor,
+        lm_head: &'a Tensor,
+        softcap: Option<f64>,
+    },
     /// Sparse KD: the teacher's top-K log-probabilities at the training temperature
     /// `[N, K]` and their vocabulary indices `[N, K]` (u32 or i64). The mass outside the
     /// top K (1 - Σp for the teacher, 1 - Σq for the student) is kept as one extra bucket
     /// of both distributions, so the divergence is over K + 1 outcomes.
-    TopK { logprobs: &'a Tensor, indices: &'a Tensor },
+    TopK {
+        logprobs: &'a Tensor,
+        indices: &'a Tensor,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -102,13 +109,26 @@ pub fn fused_linear_distill(
     let (n, d) = dims2("h", h)?;
     let (vs, d_head) = dims2("lm_head", lm_head)?;
     if d_head != d {
-        return Err(input_err("lm_head", format!("has shape [{vs}, {d_head}], but `h` is [{n}, {d}]: hidden sizes differ")));
+        return Err(input_err(
+            "lm_head",
+            format!("has shape [{vs}, {d_head}], but `h` is [{n}, {d}]: hidden sizes differ"),
+        ));
     }
     if h.dtype() != lm_head.dtype() {
-        return Err(input_err("lm_head", format!("has dtype {:?}, but `h` has {:?}", lm_head.dtype(), h.dtype())));
+        return Err(input_err(
+            "lm_head",
+            format!(
+                "has dtype {:?}, but `h` has {:?}",
+                lm_head.dtype(),
+                h.dtype()
+            ),
+        ));
     }
     if labels.len() != n {
-        return Err(input_err("labels", format!("has {} entries, but `h` has {n} rows", labels.len())));
+        return Err(input_err(
+            "labels",
+            format!("has {} entries, but `h` has {n} rows", labels.len()),
+        ));
     }
     let valid = valid_rows(labels, vs)?;
     let teacher = Teacher::new(teacher, n, vs, h.device())?;
@@ -129,14 +149,21 @@ pub fn fused_linear_distill(
         let label_ids = Tensor::from_vec(chunk_labels, (c, 1), dev)?;
         let log_p1 = log_softmax(&zs)?;
         ce_sum -= sum_f64(&log_p1.gather(&label_ids, 1)?)?;
-        let mut dz = log_p1.exp()?.scatter_add(&label_ids, &Tensor::full(-1f32, (c, 1), dev)?, 1)?;
+        let mut dz =
+            log_p1
+                .exp()?
+                .scatter_add(&label_ids, &Tensor::full(-1f32, (c, 1), dev)?, 1)?;
         dz = (dz * cfg.ce_weight)?;
 
         if let Some((kd_rows, du)) = teacher.chunk_divergence(cfg, &zs, rows, &row_ids)? {
             kd_sum += sum_f64(&kd_rows)?;
             // u = z/T and the KD term carries T², so dz = kd_weight·T·du.
             let du = (du * (cfg.kd_weight * cfg.temperature))?;
-            let du = if du.dim(1)? < vs { du.pad_with_zeros(1, 0, vs - du.dim(1)?)? } else { du };
+            let du = if du.dim(1)? < vs {
+                du.pad_with_zeros(1, 0, vs - du.dim(1)?)?
+            } else {
+                du
+            };
             dz = (dz + du)?;
         }
 
@@ -159,15 +186,31 @@ pub fn fused_linear_distill(
         }
         .to_dtype(h.dtype())?
     };
-    Ok(LossOutput { ce_sum, kd_sum, n_tokens: valid.len(), dh })
+    Ok(LossOutput {
+        ce_sum,
+        kd_sum,
+        n_tokens: valid.len(),
+        dh,
+    })
 }
 
 /// The teacher input after validation, with what every chunk needs.
 enum Teacher<'a> {
     None,
-    Logits { logits: &'a Tensor, v_kd: usize },
-    Hidden { h: &'a Tensor, lm_head_t: Tensor, softcap: Option<f64>, v_kd: usize },
-    TopK { logprobs: Tensor, indices: Tensor },
+    Logits {
+        logits: &'a Tensor,
+        v_kd: usize,
+    },
+    Hidden {
+        h: &'a Tensor,
+        lm_head_t: Tensor,
+        softcap: Option<f64>,
+        v_kd: usize,
+    },
+    TopK {
+        logprobs: Tensor,
+        indices: Tensor,
+    },
 }
 
 impl<'a> Teacher<'a> {
@@ -177,15 +220,28 @@ impl<'a> Teacher<'a> {
             TeacherOutput::Logits(logits) => {
                 let (rows, vt) = dims2("teacher logits", logits)?;
                 if rows != n {
-                    return Err(input_err("teacher logits", format!("has {rows} rows, but `h` has {n}")));
+                    return Err(input_err(
+                        "teacher logits",
+                        format!("has {rows} rows, but `h` has {n}"),
+                    ));
                 }
-                Teacher::Logits { logits, v_kd: vs.min(vt) }
+                Teacher::Logits {
+                    logits,
+                    v_kd: vs.min(vt),
+                }
             }
-            TeacherOutput::Hidden { h, lm_head, softcap } => {
+            TeacherOutput::Hidden {
+                h,
+                lm_head,
+                softcap,
+            } => {
                 let (rows, dt) = dims2("teacher h", h)?;
                 let (vt, dt_head) = dims2("teacher lm_head", lm_head)?;
                 if rows != n {
-                    return Err(input_err("teacher h", format!("has {rows} rows, but `h` has {n}")));
+                    return Err(input_err(
+                        "teacher h",
+                        format!("has {rows} rows, but `h` has {n}"),
+                    ));
                 }
                 if dt_head != dt {
                     return Err(input_err(
@@ -196,11 +252,20 @@ impl<'a> Teacher<'a> {
                 if h.dtype() != lm_head.dtype() {
                     return Err(input_err(
                         "teacher lm_head",
-                        format!("has dtype {:?}, but `teacher h` has {:?}", lm_head.dtype(), h.dtype()),
+                        format!(
+                            "has dtype {:?}, but `teacher h` has {:?}",
+                            lm_head.dtype(),
+                            h.dtype()
+                        ),
                     ));
                 }
                 check_softcap("teacher softcap", softcap)?;
-                Teacher::Hidden { h, lm_head_t: lm_head.t()?, softcap, v_kd: vs.min(vt) }
+                Teacher::Hidden {
+                    h,
+                    lm_head_t: lm_head.t()?,
+                    softcap,
+                    v_kd: vs.min(vt),
+                }
             }
             TeacherOutput::TopK { logprobs, indices } => {
                 let (rows, k) = dims2("teacher top-k logprobs", logprobs)?;
@@ -213,7 +278,11 @@ impl<'a> Teacher<'a> {
                 if indices.dims() != logprobs.dims() {
                     return Err(input_err(
                         "teacher top-k indices",
-                        format!("has shape {:?}, but the logprobs are {:?}", indices.dims(), logprobs.dims()),
+                        format!(
+                            "has shape {:?}, but the logprobs are {:?}",
+                            indices.dims(),
+                            logprobs.dims()
+                        ),
                     ));
                 }
                 let logprobs = logprobs.to_dtype(DType::F32)?;
@@ -221,7 +290,10 @@ impl<'a> Teacher<'a> {
                 // A teacher probability of exactly 0 (log-prob -inf) would make p·log p NaN.
                 let logprobs = logprobs.clamp(TAIL_FLOOR.ln(), 0f32)?;
                 let indices = check_topk_indices(indices, vs)?;
-                Teacher::TopK { logprobs, indices: Tensor::from_vec(indices, (n, k), dev)? }
+                Teacher::TopK {
+                    logprobs,
+                    indices: Tensor::from_vec(indices, (n, k), dev)?,
+                }
             }
         })
     }
@@ -243,11 +315,19 @@ impl<'a> Teacher<'a> {
         };
         match self {
             Teacher::None => Ok(None),
-            Teacher::Logits { logits, v_kd } => {
-                full(take_rows(logits, rows, row_ids)?.to_dtype(DType::F32)?, *v_kd)
-            }
-            Teacher::Hidden { h, lm_head_t, softcap: cap, v_kd } => {
-                let zt = take_rows(h, rows, row_ids)?.matmul(lm_head_t)?.to_dtype(DType::F32)?;
+            Teacher::Logits { logits, v_kd } => full(
+                take_rows(logits, rows, row_ids)?.to_dtype(DType::F32)?,
+                *v_kd,
+            ),
+            Teacher::Hidden {
+                h,
+                lm_head_t,
+                softcap: cap,
+                v_kd,
+            } => {
+                let zt = take_rows(h, rows, row_ids)?
+                    .matmul(lm_head_t)?
+                    .to_dtype(DType::F32)?;
                 full(softcap(&zt, *cap)?.0, *v_kd)
             }
             Teacher::TopK { logprobs, indices } => {
@@ -265,7 +345,12 @@ impl<'a> Teacher<'a> {
 /// chain rule through the bucket sums gives dD/du_j = (q_j / Q_b(j)) · dD/dU_b, where
 /// dD/dU_b is the gradient the divergence would have if the buckets were logits. For the
 /// K singleton buckets q_j / Q_b = 1; tail entries share the tail's gradient pro rata.
-fn topk_divergence(kd: KdLoss, log_q: &Tensor, log_p_k: &Tensor, idx: &Tensor) -> Result<(Tensor, Tensor)> {
+fn topk_divergence(
+    kd: KdLoss,
+    log_q: &Tensor,
+    log_p_k: &Tensor,
+    idx: &Tensor,
+) -> Result<(Tensor, Tensor)> {
     let (c, k) = log_p_k.dims2()?;
     let dev = log_q.device();
     let q = log_q.exp()?;
@@ -276,13 +361,19 @@ fn topk_divergence(kd: KdLoss, log_q: &Tensor, log_p_k: &Tensor, idx: &Tensor) -
     )?;
     let outside = (1.0 - in_topk)?;
     // Summing the tail directly rather than as 1 - Σq_k keeps a small tail accurate.
-    let q_tail = (&q * &outside)?.sum_keepdim(1)?.clamp(TAIL_FLOOR, f32::INFINITY)?;
+    let q_tail = (&q * &outside)?
+        .sum_keepdim(1)?
+        .clamp(TAIL_FLOOR, f32::INFINITY)?;
     let p_tail = (1.0 - log_p_k.exp()?.sum_keepdim(1)?)?.clamp(TAIL_FLOOR, f32::INFINITY)?;
     let log_q_b = Tensor::cat(&[log_q.gather(idx, 1)?, q_tail.log()?], 1)?;
     let log_p_b = Tensor::cat(&[log_p_k.clone(), p_tail.log()?], 1)?;
     let (d, g_b) = divergence(kd, &log_q_b, &log_p_b)?;
 
-    let g_topk = Tensor::zeros(log_q.shape(), DType::F32, dev)?.scatter_add(idx, &g_b.narrow(1, 0, k)?.contiguous()?, 1)?;
+    let g_topk = Tensor::zeros(log_q.shape(), DType::F32, dev)?.scatter_add(
+        idx,
+        &g_b.narrow(1, 0, k)?.contiguous()?,
+        1,
+    )?;
     let tail_per_mass = (g_b.narrow(1, k, 1)? / q_tail)?;
     let g_tail = (q * outside)?.broadcast_mul(&tail_per_mass)?;
     Ok((d, (g_topk + g_tail)?))
@@ -351,7 +442,11 @@ fn softcap(z: &Tensor, cap: Option<f64>) -> Result<(Tensor, Option<Tensor>)> {
 }
 
 fn sum_f64(t: &Tensor) -> Result<f64> {
-    Ok(t.flatten_all()?.to_vec1::<f32>()?.iter().map(|&x| x as f64).sum())
+    Ok(t.flatten_all()?
+        .to_vec1::<f32>()?
+        .iter()
+        .map(|&x| x as f64)
+        .sum())
 }
 
 /// Rows `rows` of `t` (`row_ids` is the same list on the device): a narrow view when they
@@ -405,7 +500,10 @@ fn check_topk_indices(indices: &Tensor, vs: usize) -> Result<Vec<u32>> {
     let rows: Vec<Vec<i64>> = match indices.dtype() {
         DType::U32 | DType::I64 | DType::U8 => indices.to_dtype(DType::I64)?.to_vec2()?,
         other => {
-            return Err(input_err("teacher top-k indices", format!("has dtype {other:?}, expected u32 or i64")))
+            return Err(input_err(
+                "teacher top-k indices",
+                format!("has dtype {other:?}, expected u32 or i64"),
+            ))
         }
     };
     let mut flat = Vec::with_capacity(rows.len() * rows.first().map_or(0, Vec::len));
@@ -420,7 +518,10 @@ fn check_topk_indices(indices: &Tensor, vs: usize) -> Result<Vec<u32>> {
             }
             // A repeated index would count one token's probability twice.
             if seen[ix as usize] == i {
-                return Err(input_err("teacher top-k indices", format!("row {i} repeats index {ix}")));
+                return Err(input_err(
+                    "teacher top-k indices",
+                    format!("row {i} repeats index {ix}"),
+                ));
             }
             seen[ix as usize] = i;
             flat.push(ix as u32);
@@ -431,7 +532,10 @@ fn check_topk_indices(indices: &Tensor, vs: usize) -> Result<Vec<u32>> {
 
 fn validate_config(cfg: &LossConfig, grad_scale: f64) -> Result<()> {
     if !(cfg.temperature.is_finite() && cfg.temperature > 0.0) {
-        crate::config_bail!("distillation temperature must be a positive number, got {}", cfg.temperature);
+        crate::config_bail!(
+            "distillation temperature must be a positive number, got {}",
+            cfg.temperature
+        );
     }
     if cfg.chunk_tokens == 0 {
         crate::config_bail!("loss chunk_tokens must be at least 1");
@@ -441,7 +545,11 @@ fn validate_config(cfg: &LossConfig, grad_scale: f64) -> Result<()> {
             crate::config_bail!("JSD beta must be in [0, 1], got {beta}");
         }
     }
-    for (name, w) in [("ce_weight", cfg.ce_weight), ("kd_weight", cfg.kd_weight), ("grad_scale", grad_scale)] {
+    for (name, w) in [
+        ("ce_weight", cfg.ce_weight),
+        ("kd_weight", cfg.kd_weight),
+        ("grad_scale", grad_scale),
+    ] {
         if !w.is_finite() {
             crate::config_bail!("loss {name} must be finite, got {w}");
         }
@@ -452,7 +560,9 @@ fn validate_config(cfg: &LossConfig, grad_scale: f64) -> Result<()> {
 fn check_softcap(name: &str, cap: Option<f64>) -> Result<()> {
     match cap {
         Some(c) if !(c.is_finite() && c > 0.0) => {
-            crate::config_bail!("{name} (final_logit_softcapping) must be a positive number, got {c}")
+            crate::config_bail!(
+                "{name} (final_logit_softcapping) must be a positive number, got {c}"
+            )
         }
         _ => Ok(()),
     }
@@ -461,7 +571,10 @@ fn check_softcap(name: &str, cap: Option<f64>) -> Result<()> {
 fn dims2(name: &str, t: &Tensor) -> Result<(usize, usize)> {
     match t.dims() {
         &[a, b] => Ok((a, b)),
-        other => Err(input_err(name, format!("must be a 2-D tensor, got shape {other:?}"))),
+        other => Err(input_err(
+            name,
+            format!("must be a 2-D tensor, got shape {other:?}"),
+        )),
     }
 }
 
@@ -477,15 +590,34 @@ mod tests {
     use rand_chacha::ChaCha8Rng;
 
     fn rand_vec(rng: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|_| rng.random_range(-1.0f32..1.0) * scale).collect()
+        (0..n)
+            .map(|_| rng.random_range(-1.0f32..1.0) * scale)
+            .collect()
     }
 
     fn rand_tensor(rng: &mut ChaCha8Rng, rows: usize, cols: usize, scale: f32) -> Tensor {
-        Tensor::from_vec(rand_vec(rng, rows * cols, scale), (rows, cols), &Device::Cpu).unwrap()
+        Tensor::from_vec(
+            rand_vec(rng, rows * cols, scale),
+            (rows, cols),
+            &Device::Cpu,
+        )
+        .unwrap()
     }
 
-    fn cfg(kd: KdLoss, temperature: f64, chunk_tokens: usize, student_softcap: Option<f64>) -> LossConfig {
-        LossConfig { ce_weight: 0.7, kd_weight: 1.3, kd, temperature, chunk_tokens, student_softcap }
+    fn cfg(
+        kd: KdLoss,
+        temperature: f64,
+        chunk_tokens: usize,
+        student_softcap: Option<f64>,
+    ) -> LossConfig {
+        LossConfig {
+            ce_weight: 0.7,
+            kd_weight: 1.3,
+            kd,
+            temperature,
+            chunk_tokens,
+            student_softcap,
+        }
     }
 
     const KD_KINDS: [KdLoss; 6] = [
@@ -501,8 +633,15 @@ mod tests {
     enum OwnedTeacher {
         None,
         Logits(Tensor),
-        Hidden { h: Tensor, lm_head: Tensor, softcap: Option<f64> },
-        TopK { logprobs: Tensor, indices: Tensor },
+        Hidden {
+            h: Tensor,
+            lm_head: Tensor,
+            softcap: Option<f64>,
+        },
+        TopK {
+            logprobs: Tensor,
+            indices: Tensor,
+        },
     }
 
     impl OwnedTeacher {
@@ -510,10 +649,18 @@ mod tests {
             match self {
                 OwnedTeacher::None => TeacherOutput::None,
                 OwnedTeacher::Logits(t) => TeacherOutput::Logits(t),
-                OwnedTeacher::Hidden { h, lm_head, softcap } => {
-                    TeacherOutput::Hidden { h, lm_head, softcap: *softcap }
+                OwnedTeacher::Hidden {
+                    h,
+                    lm_head,
+                    softcap,
+                } => TeacherOutput::Hidden {
+                    h,
+                    lm_head,
+                    softcap: *softcap,
+                },
+                OwnedTeacher::TopK { logprobs, indices } => {
+                    TeacherOutput::TopK { logprobs, indices }
                 }
-                OwnedTeacher::TopK { logprobs, indices } => TeacherOutput::TopK { logprobs, indices },
             }
         }
     }
@@ -546,25 +693,42 @@ mod tests {
     /// The divergence straight from its definition, on probability vectors.
     fn divergence_f64(kd: KdLoss, p: &[f64], q: &[f64]) -> f64 {
         let kl = |a: &[f64], b: &[f64]| -> f64 {
-            a.iter().zip(b).map(|(x, y)| if *x == 0.0 { 0.0 } else { x * (x / y).ln() }).sum()
+            a.iter()
+                .zip(b)
+                .map(|(x, y)| if *x == 0.0 { 0.0 } else { x * (x / y).ln() })
+                .sum()
         };
         match kd {
             KdLoss::ForwardKl | KdLoss::Jsd { beta: 0.0 } => kl(p, q),
             KdLoss::ReverseKl | KdLoss::Jsd { beta: 1.0 } => kl(q, p),
             KdLoss::Jsd { beta } => {
-                let m: Vec<f64> = p.iter().zip(q).map(|(a, b)| beta * a + (1.0 - beta) * b).collect();
+                let m: Vec<f64> = p
+                    .iter()
+                    .zip(q)
+                    .map(|(a, b)| beta * a + (1.0 - beta) * b)
+                    .collect();
                 beta * kl(p, &m) + (1.0 - beta) * kl(q, &m)
             }
         }
     }
 
     /// (ce_sum, kd_sum) computed in f64 with plain loops.
-    fn naive_sums(h: &Tensor, w: &Tensor, labels: &[i64], teacher: &OwnedTeacher, cfg: &LossConfig) -> (f64, f64) {
+    fn naive_sums(
+        h: &Tensor,
+        w: &Tensor,
+        labels: &[i64],
+        teacher: &OwnedTeacher,
+        cfg: &LossConfig,
+    ) -> (f64, f64) {
         let zs = logits_f64(h, w, cfg.student_softcap);
         let t = cfg.temperature;
         let teacher_logits = match teacher {
             OwnedTeacher::Logits(l) => Some(mat_f64(l)),
-            OwnedTeacher::Hidden { h, lm_head, softcap } => Some(logits_f64(h, lm_head, *softcap)),
+            OwnedTeacher::Hidden {
+                h,
+                lm_head,
+                softcap,
+            } => Some(logits_f64(h, lm_head, *softcap)),
             _ => None,
         };
         let (mut ce, mut kd) = (0.0, 0.0);
@@ -575,13 +739,23 @@ mod tests {
             ce -= log_softmax_f64(&zs[i], 1.0)[label as usize];
             if let Some(zt) = &teacher_logits {
                 let v = zs[i].len().min(zt[i].len());
-                let q: Vec<f64> = log_softmax_f64(&zs[i][..v], t).iter().map(|x| x.exp()).collect();
-                let p: Vec<f64> = log_softmax_f64(&zt[i][..v], t).iter().map(|x| x.exp()).collect();
+                let q: Vec<f64> = log_softmax_f64(&zs[i][..v], t)
+                    .iter()
+                    .map(|x| x.exp())
+                    .collect();
+                let p: Vec<f64> = log_softmax_f64(&zt[i][..v], t)
+                    .iter()
+                    .map(|x| x.exp())
+                    .collect();
                 kd += divergence_f64(cfg.kd, &p, &q);
             }
             if let OwnedTeacher::TopK { logprobs, indices } = teacher {
                 let lp = mat_f64(logprobs);
-                let ix = indices.to_dtype(DType::I64).unwrap().to_vec2::<i64>().unwrap();
+                let ix = indices
+                    .to_dtype(DType::I64)
+                    .unwrap()
+                    .to_vec2::<i64>()
+                    .unwrap();
                 let q_full: Vec<f64> = log_softmax_f64(&zs[i], t).iter().map(|x| x.exp()).collect();
                 let mut q: Vec<f64> = ix[i].iter().map(|&j| q_full[j as usize]).collect();
                 let mut p: Vec<f64> = lp[i].iter().map(|x| x.exp()).collect();
@@ -596,13 +770,19 @@ mod tests {
     fn ref_log_softmax(z: &Tensor) -> Tensor {
         let m = z.max_keepdim(1).unwrap().detach();
         let zm = z.broadcast_sub(&m).unwrap();
-        zm.broadcast_sub(&zm.exp().unwrap().sum_keepdim(1).unwrap().log().unwrap()).unwrap()
+        zm.broadcast_sub(&zm.exp().unwrap().sum_keepdim(1).unwrap().log().unwrap())
+            .unwrap()
     }
 
     /// Per-row divergence in candle ops from probabilities (not log-probabilities, unlike
     /// the code under test), so that autograd differentiates an independent formulation.
     fn ref_divergence(kd: KdLoss, p: &Tensor, q: &Tensor) -> Tensor {
-        let kl = |a: &Tensor, b: &Tensor| (a * (a.log().unwrap() - b.log().unwrap()).unwrap()).unwrap().sum(1).unwrap();
+        let kl = |a: &Tensor, b: &Tensor| {
+            (a * (a.log().unwrap() - b.log().unwrap()).unwrap())
+                .unwrap()
+                .sum(1)
+                .unwrap()
+        };
         match kd {
             KdLoss::ForwardKl | KdLoss::Jsd { beta: 0.0 } => kl(p, q),
             KdLoss::ReverseKl | KdLoss::Jsd { beta: 1.0 } => kl(q, p),
@@ -629,8 +809,14 @@ mod tests {
             Some(c) => ((z / c).unwrap().tanh().unwrap() * c).unwrap(),
             None => z,
         };
-        let zs = cap(hv.as_tensor().matmul(&w.t().unwrap()).unwrap(), cfg.student_softcap);
-        let mask: Vec<f32> = labels.iter().map(|&l| if l == IGNORE_INDEX { 0.0 } else { 1.0 }).collect();
+        let zs = cap(
+            hv.as_tensor().matmul(&w.t().unwrap()).unwrap(),
+            cfg.student_softcap,
+        );
+        let mask: Vec<f32> = labels
+            .iter()
+            .map(|&l| if l == IGNORE_INDEX { 0.0 } else { 1.0 })
+            .collect();
         let mask = Tensor::from_vec(mask, n, dev).unwrap();
         let mut onehot = vec![0f32; n * vs];
         for (i, &l) in labels.iter().enumerate() {
@@ -639,23 +825,41 @@ mod tests {
             }
         }
         let onehot = Tensor::from_vec(onehot, (n, vs), dev).unwrap();
-        let ce = (ref_log_softmax(&zs) * onehot).unwrap().sum_all().unwrap().neg().unwrap();
+        let ce = (ref_log_softmax(&zs) * onehot)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .neg()
+            .unwrap();
 
         let t = cfg.temperature;
         let full_kd = |zt: Tensor| {
             let v = vs.min(zt.dim(1).unwrap());
-            let p = ref_log_softmax(&(zt.narrow(1, 0, v).unwrap() / t).unwrap()).exp().unwrap();
-            let q = ref_log_softmax(&(zs.narrow(1, 0, v).unwrap() / t).unwrap()).exp().unwrap();
+            let p = ref_log_softmax(&(zt.narrow(1, 0, v).unwrap() / t).unwrap())
+                .exp()
+                .unwrap();
+            let q = ref_log_softmax(&(zs.narrow(1, 0, v).unwrap() / t).unwrap())
+                .exp()
+                .unwrap();
             ref_divergence(cfg.kd, &p, &q)
         };
         let kd_rows = match teacher {
             OwnedTeacher::None => None,
             OwnedTeacher::Logits(l) => Some(full_kd(l.clone())),
-            OwnedTeacher::Hidden { h, lm_head, softcap } => {
-                Some(full_kd(cap(h.matmul(&lm_head.t().unwrap()).unwrap(), *softcap)))
-            }
+            OwnedTeacher::Hidden {
+                h,
+                lm_head,
+                softcap,
+            } => Some(full_kd(cap(
+                h.matmul(&lm_head.t().unwrap()).unwrap(),
+                *softcap,
+            ))),
             OwnedTeacher::TopK { logprobs, indices } => {
-                let q = ref_log_softmax(&(&zs / t).unwrap()).exp().unwrap().gather(indices, 1).unwrap();
+                let q = ref_log_softmax(&(&zs / t).unwrap())
+                    .exp()
+                    .unwrap()
+                    .gather(indices, 1)
+                    .unwrap();
                 let p = logprobs.exp().unwrap();
                 let tail = |x: &Tensor| (1.0 - x.sum_keepdim(1).unwrap()).unwrap();
                 let q = Tensor::cat(&[&q, &tail(&q)], 1).unwrap();
@@ -694,23 +898,44 @@ mod tests {
 
     fn assert_close_tensor(got: &Tensor, want: &Tensor, rel: f64, what: &str) {
         let (g, w) = (mat_f64(got), mat_f64(want));
-        let scale = w.iter().flatten().fold(0f64, |m, x| m.max(x.abs())).max(1e-6);
+        let scale = w
+            .iter()
+            .flatten()
+            .fold(0f64, |m, x| m.max(x.abs()))
+            .max(1e-6);
         for (i, (gr, wr)) in g.iter().zip(&w).enumerate() {
             for (j, (a, b)) in gr.iter().zip(wr).enumerate() {
-                assert!((a - b).abs() <= rel * scale, "{what}: [{i},{j}] got {a}, want {b} (scale {scale})");
+                assert!(
+                    (a - b).abs() <= rel * scale,
+                    "{what}: [{i},{j}] got {a}, want {b} (scale {scale})"
+                );
             }
         }
     }
 
     fn assert_close(got: f64, want: f64, rel: f64, what: &str) {
-        assert!((got - want).abs() <= rel * want.abs().max(1e-3), "{what}: got {got}, want {want}");
+        assert!(
+            (got - want).abs() <= rel * want.abs().max(1e-3),
+            "{what}: got {got}, want {want}"
+        );
     }
 
-    fn check_case(h: &Tensor, w: &Tensor, labels: &[i64], teacher: &OwnedTeacher, cfg: &LossConfig, what: &str) {
+    fn check_case(
+        h: &Tensor,
+        w: &Tensor,
+        labels: &[i64],
+        teacher: &OwnedTeacher,
+        cfg: &LossConfig,
+        what: &str,
+    ) {
         let grad_scale = 0.37;
         let out = fused_linear_distill(h, w, labels, teacher.as_output(), cfg, grad_scale).unwrap();
         let (ce, kd) = naive_sums(h, w, labels, teacher, cfg);
-        assert_eq!(out.n_tokens, labels.iter().filter(|&&l| l != IGNORE_INDEX).count(), "{what}");
+        assert_eq!(
+            out.n_tokens,
+            labels.iter().filter(|&&l| l != IGNORE_INDEX).count(),
+            "{what}"
+        );
         assert_close(out.ce_sum, ce, 1e-5, &format!("{what} ce_sum"));
         assert_close(out.kd_sum, kd, 1e-4, &format!("{what} kd_sum"));
         let want = autograd_dh(h, w, labels, teacher, cfg, grad_scale);
@@ -730,8 +955,14 @@ mod tests {
         let w = rand_tensor(&mut rng, VS, D_S, 1.5);
         let teachers = [
             ("none", OwnedTeacher::None),
-            ("logits Vt<Vs", OwnedTeacher::Logits(rand_tensor(&mut rng, N, 11, 4.0))),
-            ("logits Vt>Vs", OwnedTeacher::Logits(rand_tensor(&mut rng, N, 16, 4.0))),
+            (
+                "logits Vt<Vs",
+                OwnedTeacher::Logits(rand_tensor(&mut rng, N, 11, 4.0)),
+            ),
+            (
+                "logits Vt>Vs",
+                OwnedTeacher::Logits(rand_tensor(&mut rng, N, 16, 4.0)),
+            ),
             (
                 "hidden",
                 OwnedTeacher::Hidden {
@@ -740,14 +971,91 @@ mod tests {
                     softcap: Some(3.0),
                 },
             ),
-            ("topk", topk_from_logits(&rand_tensor(&mut rng, N, VS, 4.0), 4, 2.0)),
+            (
+                "topk",
+                topk_from_logits(&rand_tensor(&mut rng, N, VS, 4.0), 4, 2.0),
+            ),
         ];
         for (name, teacher) in &teachers {
             for kd in KD_KINDS {
                 for (chunk, cap) in [(3, Some(2.5)), (2, None), (64, Some(30.0))] {
                     let c = cfg(kd, 2.0, chunk, cap);
-                    check_case(&h, &w, &LABELS, teacher, &c, &format!("{name} {kd:?} chunk {chunk} cap {cap:?}"));
+                    check_case(
+                        &h,
+                        &w,
+                        &LABELS,
+                        teacher,
+                        &c,
+                        &format!("{name} {kd:?} chunk {chunk} cap {cap:?}"),
+                    );
                 }
+            }
+        }
+    }
+
+    /// TRL's `generalized_jsd_loss` and torch autograd, from
+    /// scripts/fixtures/make_loss_fixtures.py.
+    #[test]
+    fn matches_trl_generalized_jsd_and_torch_autograd() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/fixtures/loss/trl_gkd.json"
+        );
+        let fx: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let mat = |key: &str| {
+            let rows: Vec<Vec<f32>> = serde_json::from_value(fx[key].clone()).unwrap();
+            let (r, c) = (rows.len(), rows[0].len());
+            Tensor::from_vec(rows.concat(), (r, c), &Device::Cpu).unwrap()
+        };
+        let num = |key: &str| fx[key].as_f64().unwrap();
+        let labels: Vec<i64> = serde_json::from_value(fx["labels"].clone()).unwrap();
+        let (h, w) = (mat("h"), mat("lm_head"));
+        let (th, tw, tl) = (
+            mat("teacher_h"),
+            mat("teacher_lm_head"),
+            mat("teacher_logits"),
+        );
+        for case in fx["cases"].as_array().unwrap() {
+            let beta = case["beta"].as_f64().unwrap();
+            let c = LossConfig {
+                ce_weight: num("ce_weight"),
+                kd_weight: num("kd_weight"),
+                kd: KdLoss::Jsd { beta },
+                temperature: num("temperature"),
+                chunk_tokens: 4,
+                student_softcap: Some(num("student_softcap")),
+            };
+            let want_dh: Vec<Vec<f32>> = serde_json::from_value(case["dh"].clone()).unwrap();
+            let want_dh = Tensor::from_vec(want_dh.concat(), h.dims(), &Device::Cpu).unwrap();
+            let teachers = [
+                ("logits", TeacherOutput::Logits(&tl)),
+                (
+                    "hidden",
+                    TeacherOutput::Hidden {
+                        h: &th,
+                        lm_head: &tw,
+                        softcap: None,
+                    },
+                ),
+            ];
+            for (name, teacher) in teachers {
+                let out =
+                    fused_linear_distill(&h, &w, &labels, teacher, &c, num("grad_scale")).unwrap();
+                let what = format!("beta {beta} {name}");
+                assert_close(
+                    out.kd_sum,
+                    case["kd_sum"].as_f64().unwrap(),
+                    1e-5,
+                    &format!("{what} kd_sum"),
+                );
+                assert_close(
+                    out.ce_sum,
+                    case["ce_sum"].as_f64().unwrap(),
+                    1e-5,
+                    &format!("{what} ce_sum"),
+                );
+                assert_close_tensor(&out.dh, &want_dh, 1e-5, &format!("{what} dh"));
             }
         }
     }
@@ -760,7 +1068,14 @@ mod tests {
         let teacher = OwnedTeacher::Logits(rand_tensor(&mut rng, N, VS, 3.0));
         let labels = [1i64, 2, 3, 4, 5, 6, 0];
         for kd in KD_KINDS {
-            check_case(&h, &w, &labels, &teacher, &cfg(kd, 1.0, 4, None), &format!("T=1 {kd:?}"));
+            check_case(
+                &h,
+                &w,
+                &labels,
+                &teacher,
+                &cfg(kd, 1.0, 4, None),
+                &format!("T=1 {kd:?}"),
+            );
         }
     }
 
@@ -773,7 +1088,8 @@ mod tests {
         let topk = topk_from_logits(&zt, VS, 1.5);
         for kd in KD_KINDS {
             let c = cfg(kd, 1.5, 3, None);
-            let full = fused_linear_distill(&h, &w, &LABELS, TeacherOutput::Logits(&zt), &c, 1.0).unwrap();
+            let full =
+                fused_linear_distill(&h, &w, &LABELS, TeacherOutput::Logits(&zt), &c, 1.0).unwrap();
             let sparse = fused_linear_distill(&h, &w, &LABELS, topk.as_output(), &c, 1.0).unwrap();
             assert_close(sparse.kd_sum, full.kd_sum, 1e-4, &format!("{kd:?} kd_sum"));
             assert_close_tensor(&sparse.dh, &full.dh, 1e-4, &format!("{kd:?} dh"));
@@ -786,11 +1102,27 @@ mod tests {
         let h = rand_tensor(&mut rng, 3, D_S, 1.0);
         let w = rand_tensor(&mut rng, VS, D_S, 1.0);
         let zt = rand_tensor(&mut rng, 3, VS, 1.0);
-        let out = fused_linear_distill(&h, &w, &[-100; 3], TeacherOutput::Logits(&zt), &cfg(KdLoss::ForwardKl, 2.0, 2, None), 1.0)
-            .unwrap();
+        let out = fused_linear_distill(
+            &h,
+            &w,
+            &[-100; 3],
+            TeacherOutput::Logits(&zt),
+            &cfg(KdLoss::ForwardKl, 2.0, 2, None),
+            1.0,
+        )
+        .unwrap();
         assert_eq!((out.ce_sum, out.kd_sum, out.n_tokens), (0.0, 0.0, 0));
         assert_eq!(out.dh.dims(), &[3, D_S]);
-        assert_eq!(out.dh.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+        assert_eq!(
+            out.dh
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap(),
+            0.0
+        );
     }
 
     #[test]
@@ -800,10 +1132,15 @@ mod tests {
         let w = rand_tensor(&mut rng, VS, D_S, 1.5);
         let zt = rand_tensor(&mut rng, N, VS, 3.0);
         let c = cfg(KdLoss::Jsd { beta: 0.5 }, 2.0, 3, None);
-        let f32_out = fused_linear_distill(&h, &w, &LABELS, TeacherOutput::Logits(&zt), &c, 1.0).unwrap();
-        let (hb, wb) = (h.to_dtype(DType::BF16).unwrap(), w.to_dtype(DType::BF16).unwrap());
+        let f32_out =
+            fused_linear_distill(&h, &w, &LABELS, TeacherOutput::Logits(&zt), &c, 1.0).unwrap();
+        let (hb, wb) = (
+            h.to_dtype(DType::BF16).unwrap(),
+            w.to_dtype(DType::BF16).unwrap(),
+        );
         let zb = zt.to_dtype(DType::BF16).unwrap();
-        let bf16_out = fused_linear_distill(&hb, &wb, &LABELS, TeacherOutput::Logits(&zb), &c, 1.0).unwrap();
+        let bf16_out =
+            fused_linear_distill(&hb, &wb, &LABELS, TeacherOutput::Logits(&zb), &c, 1.0).unwrap();
         assert_eq!(bf16_out.dh.dtype(), DType::BF16);
         assert_close(bf16_out.ce_sum, f32_out.ce_sum, 2e-2, "bf16 ce_sum");
         assert_close_tensor(&bf16_out.dh, &f32_out.dh, 5e-2, "bf16 dh");
@@ -837,20 +1174,57 @@ mod tests {
         assert!(run(&h, &w, &labels, TeacherOutput::Logits(&zt), &c).contains("`teacher logits`"));
         let th = Tensor::zeros((4, 5), DType::F32, dev).unwrap();
         let tw = Tensor::zeros((10, 6), DType::F32, dev).unwrap();
-        let t = TeacherOutput::Hidden { h: &th, lm_head: &tw, softcap: None };
+        let t = TeacherOutput::Hidden {
+            h: &th,
+            lm_head: &tw,
+            softcap: None,
+        };
         assert!(run(&h, &w, &labels, t, &c).contains("`teacher lm_head`"));
 
         let lp = Tensor::full(-2f32, (4, 2), dev).unwrap();
         let dup = Tensor::new(&[[1u32, 2], [3, 3], [0, 1], [4, 5]], dev).unwrap();
-        let e = run(&h, &w, &labels, TeacherOutput::TopK { logprobs: &lp, indices: &dup }, &c);
-        assert!(e.contains("`teacher top-k indices`") && e.contains("repeats index 3"), "{e}");
+        let e = run(
+            &h,
+            &w,
+            &labels,
+            TeacherOutput::TopK {
+                logprobs: &lp,
+                indices: &dup,
+            },
+            &c,
+        );
+        assert!(
+            e.contains("`teacher top-k indices`") && e.contains("repeats index 3"),
+            "{e}"
+        );
         let oob = Tensor::new(&[[1u32, 2], [3, 10], [0, 1], [4, 5]], dev).unwrap();
-        let e = run(&h, &w, &labels, TeacherOutput::TopK { logprobs: &lp, indices: &oob }, &c);
+        let e = run(
+            &h,
+            &w,
+            &labels,
+            TeacherOutput::TopK {
+                logprobs: &lp,
+                indices: &oob,
+            },
+            &c,
+        );
         assert!(e.contains("index 10"), "{e}");
         let ok_ix = Tensor::new(&[[1u32, 2], [3, 4], [0, 1], [4, 5]], dev).unwrap();
         let too_much = Tensor::full(-0.1f32, (4, 2), dev).unwrap();
-        let e = run(&h, &w, &labels, TeacherOutput::TopK { logprobs: &too_much, indices: &ok_ix }, &c);
-        assert!(e.contains("`teacher top-k logprobs`") && e.contains("mass"), "{e}");
+        let e = run(
+            &h,
+            &w,
+            &labels,
+            TeacherOutput::TopK {
+                logprobs: &too_much,
+                indices: &ok_ix,
+            },
+            &c,
+        );
+        assert!(
+            e.contains("`teacher top-k logprobs`") && e.contains("mass"),
+            "{e}"
+        );
 
         let bad_beta = cfg(KdLoss::Jsd { beta: 1.5 }, 1.0, 2, None);
         assert!(run(&h, &w, &labels, TeacherOutput::None, &bad_beta).contains("beta"));
