@@ -401,8 +401,8 @@ fn divergence(kd: KdLoss, log_q: &Tensor, log_p: &Tensor) -> Result<(Tensor, Ten
     match kd {
         KdLoss::ForwardKl => forward(),
         KdLoss::ReverseKl => reverse(),
-        KdLoss::Jsd { beta } if beta == 0.0 => forward(),
-        KdLoss::Jsd { beta } if beta == 1.0 => reverse(),
+        KdLoss::Jsd { beta: 0.0 } => forward(),
+        KdLoss::Jsd { beta: 1.0 } => reverse(),
         KdLoss::Jsd { beta } => {
             let log_m = log_add_exp(&(log_q + (1.0 - beta).ln())?, &(log_p + beta.ln())?)?;
             let kl_p_m = (log_p.exp()? * (log_p - &log_m)?)?.sum(D::Minus1)?;
