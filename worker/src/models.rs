@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::Device;
+use candle_core::{DType, Device};
 use qdistill_common::model::decoder::LoadOptions;
 use qdistill_common::model::{Model, ModelConfig};
 use qdistill_common::tokenizer::{load_hf_tokenizer, tokenizer_from_gguf, TokenizerInfo};
@@ -32,7 +32,7 @@ pub fn open(path: &Path) -> Result<(WeightStore, ModelConfig, TokenizerInfo)> {
     Ok((store, cfg, tok))
 }
 
-pub fn load(path: &Path, keep_layers: Option<Vec<usize>>, nf4: bool, double_quant: bool, device: &Device) -> Result<LoadedModel> {
+pub fn load(path: &Path, keep_layers: Option<Vec<usize>>, nf4: bool, double_quant: bool, device: &Device, dtype: DType) -> Result<LoadedModel> {
     let (store, cfg, tokenizer) = open(path)?;
     if tokenizer.tokenizer.get_vocab_size(true) > cfg.vocab_size {
         return Err(Error::Mismatch(format!(
@@ -42,6 +42,6 @@ pub fn load(path: &Path, keep_layers: Option<Vec<usize>>, nf4: bool, double_quan
             cfg.vocab_size
         )));
     }
-    let model = Model::load(&store, &cfg, &LoadOptions { keep_layers, nf4, double_quant, device: device.clone() })?;
+    let model = Model::load(&store, &cfg, &LoadOptions { keep_layers, nf4, double_quant, device: device.clone(), dtype })?;
     Ok(LoadedModel { model, tokenizer, path: path.to_path_buf() })
 }

@@ -349,7 +349,7 @@ impl Block {
         let (h1, n1) = rms_norm_fwd(x, &self.attn_norm, eps, unit_offset)?;
         let h1 = h1.reshape((n, d))?;
         let mut lin: Vec<Option<LinearSaved>> = Vec::with_capacity(7);
-        let mut run = |k: usize, inp: &Tensor, lin: &mut Vec<Option<LinearSaved>>| -> Result<Tensor> {
+        let run = |k: usize, inp: &Tensor, lin: &mut Vec<Option<LinearSaved>>| -> Result<Tensor> {
             let (y, s) = self.linears[k].forward(inp, ctx.lora, ctx.dropout(layer, k), save)?;
             lin.push(s);
             Ok(y)

@@ -1,0 +1,221 @@
+//! The embedded single-process run: teacher and student roles in one process, driven
+//! step by step. Everything that can be wrong with the inputs (config, model files,
+//! tokenizers, data) is checked before `output_dir` is touched, so a failed start leaves
+//! nothing behind.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use candle_core::{DType, Device};
+use indicatif::{ProgressBar, ProgressStyle};
+use qdistill_common::checkpoint::{save_adapter, write_dir_atomically, AdapterConfig};
+use qdistill_common::config::{self, ComputeDtype, DistillLoss, Quantization, TeacherMode, TrainConfig};
+use qdistill_common::lora::{LoraGrads, LoraParams, LoraSpec};
+use qdistill_common::loss::{KdLoss, LossConfig};
+use qdistill_common::optim::{lr_at, AdamW};
+use qdistill_common::tokenizer::check_same_tokenizer;
+
+use crate::data_plan::{self, DataPlan};
+use crate::models;
+use crate::trainer::{dropout_seed, teacher_hidden, DeviceBatch, LossSums, Student, Teacher, Throughput};
+
+/// What a finished run reports.
+pub struct TrainSummary {
+    pub steps: usize,
+    pub tokens: usize,
+    pub seconds: f64,
+    pub eval_before: Option<LossSums>,
+    pub eval_after: Option<LossSums>,
+    pub last_loss: f64,
+    pub output: PathBuf,
+    pub base_bytes: usize,
+}
+
+impl TrainSummary {
+    pub fn table(&self) -> String {
+        let mut s = String::new();
+        s.push_str(&format!("steps {} · {} target tokens · {:.1} s · {:.0} tok/s\n", self.steps, self.tokens, self.seconds, self.tokens as f64 / self.seconds.max(1e-9)));
+        s.push_str(&format!("student base weights in memory: {:.1} MiB\n", self.base_bytes as f64 / (1 << 20) as f64));
+        if let (Some(b), Some(a)) = (&self.eval_before, &self.eval_after) {
+            s.push_str("eval                  before      after\n");
+            s.push_str(&format!("CE (nats/token)   {:>10.4} {:>10.4}\n", b.ce_mean(), a.ce_mean()));
+            if b.kd != 0.0 || a.kd != 0.0 {
+                s.push_str(&format!("KL(teacher‖student){:>9.4} {:>10.4}\n", b.kd_mean(), a.kd_mean()));
+            }
+        }
+        s.push_str(&format!("final train loss {:.4}\nadapter: {}", self.last_loss, self.output.display()));
+        s
+    }
+}
+
+fn device_of(d: config::Device) -> anyhow::Result<Device> {
+    Ok(match d {
+        config::Device::Cpu => Device::Cpu,
+        config::Device::Cuda(i) => Device::new_cuda(i).with_context(|| format!("opening cuda:{i} (is this binary built with --features cuda?)"))?,
+    })
+}
+
+fn dtype_of(d: ComputeDtype) -> DType {
+    match d {
+        ComputeDtype::F32 => DType::F32,
+        ComputeDtype::BF16 => DType::BF16,
+    }
+}
+
+pub fn loss_config(cfg: &TrainConfig) -> LossConfig {
+    LossConfig {
+        ce_weight: cfg.distill.ce_weight,
+        kd_weight: cfg.distill.kd_weight,
+        kd: match cfg.distill.loss {
+            DistillLoss::ForwardKl => KdLoss::ForwardKl,
+            DistillLoss::ReverseKl => KdLoss::ReverseKl,
+            DistillLoss::Jsd => KdLoss::Jsd { beta: cfg.distill.beta },
+        },
+        temperature: cfg.distill.temperature,
+        chunk_tokens: cfg.distill.chunk_tokens,
+        student_softcap: None,
+    }
+}
+
+/// Loads the job's models and data; nothing is written.
+pub struct Prepared {
+    pub student: Student,
+    pub teacher: Teacher,
+    pub data: DataPlan,
+    pub device: Device,
+}
+
+pub fn prepare(cfg: &TrainConfig) -> anyhow::Result<Prepared> {
+    let device = device_of(cfg.device)?;
+    let dtype = dtype_of(cfg.model.compute_dtype);
+    let student_path = config::resolve_model_path(&cfg.model.model_name_or_path, cfg.model.revision.as_deref(), None)?;
+    let nf4 = cfg.model.quantization == Quantization::Nf4;
+    tracing::info!(model = %student_path.display(), keep_layers = ?cfg.model.keep_layers, nf4, "loading student");
+    let mut student = models::load(&student_path, cfg.model.keep_layers.clone(), nf4, cfg.model.bnb_4bit_use_double_quant, &device, dtype)?;
+    let teacher = match cfg.teacher.mode {
+        TeacherMode::Model => {
+            let spec = cfg.teacher.model_name_or_path.as_deref().unwrap_or(&cfg.model.model_name_or_path);
+            let path = config::resolve_model_path(spec, None, None)?;
+            tracing::info!(model = %path.display(), "loading teacher");
+            let t = models::load(&path, None, cfg.teacher.quantization == Quantization::Nf4, true, &device, dtype)?;
+            check_same_tokenizer(&t.tokenizer, &student.tokenizer).with_context(|| {
+                format!("teacher {} and student {} must share one tokenizer", path.display(), student_path.display())
+            })?;
+            Teacher::Model(t.model)
+        }
+        TeacherMode::Lwf => Teacher::Lwf,
+        TeacherMode::None => Teacher::None,
+    };
+    let spec = LoraSpec {
+        r: cfg.lora.r,
+        lora_alpha: cfg.lora.lora_alpha,
+        lora_dropout: cfg.lora.lora_dropout,
+        use_rslora: cfg.lora.use_rslora,
+        target_modules: cfg.lora.target_modules.names(),
+    };
+    let modules = student.model.attach_lora(&spec)?;
+    let params = LoraParams::init(&spec, &modules, cfg.seed);
+    let data = data_plan::build(cfg, &student.tokenizer)?;
+    let mut loss = loss_config(cfg);
+    loss.student_softcap = student.model.cfg.final_logit_softcapping;
+    if matches!(teacher, Teacher::None) {
+        loss.kd_weight = 0.0;
+    }
+    let t = &cfg.training;
+    let opt = AdamW::new(params.len(), t.adam_beta1, t.adam_beta2, t.adam_epsilon, t.weight_decay);
+    let grads = LoraGrads::zeros(&params);
+    Ok(Prepared {
+        student: Student { model: student.model, params, grads, opt, loss, checkpointing: t.gradient_checkpointing },
+        teacher,
+        data,
+        device,
+    })
+}
+
+/// `qdistill train`: load, train, evaluate, save.
+pub fn train(config_path: &Path, overrides: &[String], progress: bool) -> anyhow::Result<TrainSummary> {
+    let cfg = config::load(config_path, overrides)?;
+    let Prepared { mut student, teacher, data, device } = prepare(&cfg)?;
+    let t = &cfg.training;
+    let total_steps = data.total_steps(t.max_steps, t.num_train_epochs, t.gradient_accumulation_steps);
+    if total_steps == 0 {
+        bail!("the data gives no optimizer step (check train_file, max_samples and batch sizes)");
+    }
+    let warmup = t.num_warmup_steps(total_steps);
+
+    // Inputs are valid: from here on we write.
+    std::fs::create_dir_all(&cfg.output_dir).with_context(|| format!("creating {}", cfg.output_dir.display()))?;
+    let metrics_path = cfg.output_dir.join("metrics.jsonl");
+    let mut metrics = std::fs::File::create(&metrics_path).with_context(|| format!("creating {}", metrics_path.display()))?;
+
+    let eval_batches: Vec<DeviceBatch> = data.eval.iter().map(|b| DeviceBatch::new(b, &device)).collect::<Result<_, _>>()?;
+    let eval_before = if eval_batches.is_empty() { None } else { Some(student.evaluate(&eval_batches, &teacher)?) };
+    if let Some(e) = &eval_before {
+        tracing::info!(ce = e.ce_mean(), kl = e.kd_mean(), "eval before training");
+    }
+
+    let bar = if progress { ProgressBar::new(total_steps as u64) } else { ProgressBar::hidden() };
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}<{eta_precise}] {bar:30} {pos}/{len} steps · {msg}")
+            .expect("static template"),
+    );
+    let mut stream = data.train_stream(cfg.seed);
+    let mut thr = Throughput::new();
+    let started = Instant::now();
+    let mut last_loss = f64::NAN;
+    let mut tokens = 0usize;
+    for step in 0..total_steps {
+        let micro: Vec<DeviceBatch> = (0..t.gradient_accumulation_steps)
+            .map(|_| DeviceBatch::new(&stream.next_batch(), &device))
+            .collect::<Result<_, _>>()?;
+        let n_target: usize = micro.iter().map(|b| b.n_target).sum();
+        let mut sums = LossSums::default();
+        for (k, b) in micro.iter().enumerate() {
+            let h_t = teacher_hidden(&teacher, &student.model, b)?;
+            let s = student.micro_step(b, &teacher, h_t.as_ref(), 1.0 / n_target.max(1) as f64, dropout_seed(cfg.seed, step as u64, k as u64))?;
+            sums.add(&s);
+        }
+        let lr = lr_at(t.lr_scheduler_type.into(), t.learning_rate, step, warmup, total_steps);
+        let grad_norm = student.optimizer_step(lr, t.max_grad_norm);
+        let kd_term = student.loss.kd_weight * student.loss.temperature.powi(2) * sums.kd_mean();
+        last_loss = student.loss.ce_weight * sums.ce_mean() + kd_term;
+        tokens += sums.tokens;
+        thr.add(micro.iter().map(|b| b.labels.len()).sum());
+        let rec = serde_json::json!({
+            "step": step + 1, "loss": last_loss, "ce": sums.ce_mean(), "kd": sums.kd_mean(),
+            "lr": lr, "grad_norm": grad_norm, "tokens_per_sec": thr.tokens_per_sec(),
+            "epoch": stream.epoch_progress(),
+        });
+        writeln!(metrics, "{rec}").with_context(|| format!("writing {}", metrics_path.display()))?;
+        bar.set_message(format!("loss {last_loss:.3} · ce {:.3} · kl {:.3} · {:.0} tok/s", sums.ce_mean(), sums.kd_mean(), thr.tokens_per_sec()));
+        bar.inc(1);
+        if t.logging_steps > 0 && (step + 1) % t.logging_steps == 0 {
+            bar.suspend(|| tracing::info!(step = step + 1, loss = last_loss, ce = sums.ce_mean(), kl = sums.kd_mean(), lr, grad_norm, "train"));
+        }
+    }
+    bar.finish_and_clear();
+    let seconds = started.elapsed().as_secs_f64();
+
+    let eval_after = if eval_batches.is_empty() { None } else { Some(student.evaluate(&eval_batches, &teacher)?) };
+    let out = cfg.output_dir.join("final_model");
+    let adapter_cfg = AdapterConfig::from_lora(&cfg.model.model_name_or_path, &cfg.lora);
+    let tensors = student.params.peft_tensors()?;
+    let resolved = cfg.to_toml_string()?;
+    write_dir_atomically(&out, |dir| {
+        save_adapter(dir, &tensors, &adapter_cfg)?;
+        let p = dir.join("qdistill_config.toml");
+        std::fs::write(&p, &resolved).map_err(|e| qdistill_common::Error::io(&p, e))
+    })?;
+    Ok(TrainSummary {
+        steps: total_steps,
+        tokens,
+        seconds,
+        eval_before,
+        eval_after,
+        last_loss,
+        output: out,
+        base_bytes: student.model.base_memory_bytes(),
+    })
+}
