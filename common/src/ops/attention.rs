@@ -60,7 +60,7 @@ fn check(
     cfg: &AttnConfig,
     segment_ids: Option<&Tensor>,
 ) -> Result<Dims> {
-    if cfg.n_heads == 0 || cfg.n_kv_heads == 0 || cfg.n_heads % cfg.n_kv_heads != 0 {
+    if cfg.n_heads == 0 || cfg.n_kv_heads == 0 || !cfg.n_heads.is_multiple_of(cfg.n_kv_heads) {
         return Err(Error::Config(format!(
             "attention: {} query heads cannot be grouped over {} kv heads",
             cfg.n_heads, cfg.n_kv_heads
