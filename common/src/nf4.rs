@@ -88,9 +88,10 @@ pub struct Nf4Tensor {
 /// Decision thresholds between neighbouring NF4 codes: the literals of bnb's CUDA
 /// `dQuantizeNF4` decision tree (csrc/kernels.cu), with which published checkpoints were
 /// made. Each is the exact midpoint of two codes written as a decimal and rounded to f32 by
-/// the compiler. Four exact midpoints fall halfway between two f32 values; there these
-/// literals round up where bnb's CPU backend (`(c[i] + c[i+1]) / 2` in f32, ties to even)
-/// rounds down, so the two backends disagree only for a scaled value equal to that one f32.
+/// the compiler. Four exact midpoints (indices 0, 8, 12, 14) fall halfway between two f32
+/// values; there the decimal lands on the other neighbour than the ties-to-even f32 midpoint
+/// `(c[i] + c[i+1]) / 2` of bnb's CPU backend, so the backends disagree only for a scaled
+/// value equal to one of those four f32 numbers.
 #[allow(clippy::excessive_precision)]
 const NF4_THRESHOLDS: [f32; 15] = [
     -0.8480964004993439,
@@ -180,7 +181,10 @@ fn double_quantize_absmax_with_offset(absmax: &[f32], offset: f32) -> Absmax {
     for block in centred.chunks(BLOCKSIZE2) {
         let amax = block.iter().fold(0f32, |m, &v| m.max(v.abs()));
         absmax2.push(amax);
-        // Like the torch backend's clamp(min=1e-38): an all-zero block maps to code 0.0.
+        // An all-zero block takes the code of 0.0, as with the torch backend's
+        // clamp(min=1e-38); CUDA's 0 * (1/0) = NaN picks code 0 instead. Both dequantize
+        // to `offset`. The reciprocal is CUDA's rounding; the torch backend divides in a
+        // ragged last block, which can differ by an ulp.
         let inv = 1.0 / amax.max(1e-38);
         quantized.extend(
             block
@@ -244,7 +248,8 @@ impl Nf4Tensor {
                 codes.extend(std::iter::repeat_n(ZERO_CODE, block.len()));
                 continue;
             }
-            // Multiply by the reciprocal, not divide: that is what the CUDA kernel rounds.
+            // Multiply by the reciprocal, not divide: that is what the CUDA kernel rounds
+            // (bnb's torch backend divides in a ragged last block, an ulp away at most).
             let inv = 1.0 / amax;
             codes.extend(block.iter().map(|&v| nf4_index(v * inv)));
         }
@@ -479,10 +484,16 @@ impl Nf4Tensor {
             r#"{{"quant_type": "nf4", "blocksize": {}, "dtype": "{dtype_name}", "shape": [{}, {}]"#,
             self.blocksize, self.rows, self.cols
         );
-        let mut out = vec![(
-            weight_name.to_string(),
-            Tensor::from_vec(self.packed.clone(), (self.packed.len(), 1), &cpu)?,
-        )];
+        let mut out = vec![
+            (
+                weight_name.to_string(),
+                Tensor::from_vec(self.packed.clone(), (self.packed.len(), 1), &cpu)?,
+            ),
+            (
+                format!("{weight_name}.quant_map"),
+                Tensor::from_vec(NF4_CODE.to_vec(), 16, &cpu)?,
+            ),
+        ];
         match &self.absmax {
             Absmax::F32(v) => out.push((
                 format!("{weight_name}.absmax"),
@@ -514,13 +525,6 @@ impl Nf4Tensor {
             }
         }
         json.push('}');
-        out.insert(
-            1,
-            (
-                format!("{weight_name}.quant_map"),
-                Tensor::from_vec(NF4_CODE.to_vec(), 16, &cpu)?,
-            ),
-        );
         let json = json.into_bytes();
         out.push((
             format!("{weight_name}.{QUANT_STATE_SUFFIX}"),
@@ -576,6 +580,11 @@ fn parse_quant_state(bytes: &[u8]) -> std::result::Result<QuantStateJson, String
             "quant state `shape` is {shape:?}, expected the 2-D [out, in] of a Linear weight"
         ));
     };
+    if rows.checked_mul(cols).is_none_or(|n| n == 0) {
+        return Err(format!(
+            "quant state `shape` is {shape:?}, not a non-empty weight"
+        ));
+    }
     let blocksize = positive("blocksize")?;
     let nested = if v.get("nested_offset").is_some() {
         let offset = field("nested_offset")?.as_f64().ok_or_else(|| {
@@ -941,10 +950,7 @@ mod tests {
             // Export gives back bnb's tensors byte for byte (gate_proj was saved with bf16
             // quant storage, so there only the bytes of the packed weight can agree).
             let exported = q.to_bnb_tensors(&name, DType::BF16).unwrap();
-            let expected_keys = sd
-                .keys()
-                .filter(|k| k.starts_with(&format!("{name}")))
-                .count();
+            let expected_keys = sd.keys().filter(|k| k.starts_with(name.as_str())).count();
             assert_eq!(exported.len(), expected_keys, "{layer}: exported tensors");
             for (k, t) in exported {
                 let theirs = &sd[&k];
@@ -1038,6 +1044,10 @@ mod tests {
                 br#"{"quant_type": "nf4", "blocksize": 0, "shape": [96, 200]}"#,
                 "blocksize",
             ),
+            (
+                br#"{"quant_type": "nf4", "blocksize": 64, "shape": [4294967296, 4294967296]}"#,
+                "non-empty",
+            ),
         ] {
             let t = Tensor::from_vec(json.to_vec(), json.len(), &Device::Cpu).unwrap();
             let err = load_with(".quant_state.bitsandbytes__nf4", t).to_string();
@@ -1096,7 +1106,7 @@ mod tests {
                 let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
                 for (j, &x) in block.iter().enumerate() {
                     let i = b * BLOCKSIZE + j;
-                    let code = (q.packed[i / 2] >> if i % 2 == 0 { 4 } else { 0 }) & 0x0f;
+                    let code = (q.packed[i / 2] >> if i.is_multiple_of(2) { 4 } else { 0 }) & 0x0f;
                     if amax > 0.0 {
                         // Nearest code, up to the f32 rounding of the scaled value and midpoints.
                         let s = (x / amax) as f64;
