@@ -24,7 +24,10 @@ pub struct Message {
 
 impl Message {
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        Message { role: role.into(), content: content.into() }
+        Message {
+            role: role.into(),
+            content: content.into(),
+        }
     }
 }
 
@@ -40,7 +43,9 @@ pub struct ChatTemplate {
 
 impl std::fmt::Debug for ChatTemplate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ChatTemplate").field("source", &self.source).finish()
+        f.debug_struct("ChatTemplate")
+            .field("source", &self.source)
+            .finish()
     }
 }
 
@@ -78,7 +83,12 @@ impl ChatTemplate {
         tok.chat_template
             .as_deref()
             .map(|t| {
-                ChatTemplate::new(t, tok.source.display().to_string(), tok.bos_token.as_deref(), Some(&tok.eos_token))
+                ChatTemplate::new(
+                    t,
+                    tok.source.display().to_string(),
+                    tok.bos_token.as_deref(),
+                    Some(&tok.eos_token),
+                )
             })
             .transpose()
     }
@@ -175,10 +185,28 @@ fn strftime_now(fmt: String) -> String {
 }
 
 const MONTHS: [&str; 12] = [
-    "January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November",
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
     "December",
 ];
-const WEEKDAYS: [&str; 7] = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"];
+const WEEKDAYS: [&str; 7] = [
+    "Monday",
+    "Tuesday",
+    "Wednesday",
+    "Thursday",
+    "Friday",
+    "Saturday",
+    "Sunday",
+];
 
 /// (year, month 1-12, day 1-31) of a day count since 1970-01-01 (Howard Hinnant's
 /// `civil_from_days`).
@@ -251,13 +279,19 @@ fn tojson(value: Value, kwargs: Kwargs) -> std::result::Result<Value, minijinja:
         Some(v) if v.is_none() => None,
         Some(v) if v.is_integer() => Some(" ".repeat(i64::try_from(v)?.max(0) as usize)),
         Some(v) => Some(v.as_str().map(str::to_string).ok_or_else(|| {
-            minijinja::Error::new(ErrorKind::InvalidOperation, "tojson: indent must be an int or a string")
+            minijinja::Error::new(
+                ErrorKind::InvalidOperation,
+                "tojson: indent must be an int or a string",
+            )
         })?),
     };
     let (item_sep, key_sep) = match separators {
         Some(s) if s.len() == 2 => (s[0].clone(), s[1].clone()),
         Some(_) => {
-            return Err(minijinja::Error::new(ErrorKind::InvalidOperation, "tojson: separators must be a pair"))
+            return Err(minijinja::Error::new(
+                ErrorKind::InvalidOperation,
+                "tojson: separators must be a pair",
+            ))
         }
         None if indent.is_some() => (",".to_string(), ": ".to_string()),
         None => (", ".to_string(), ": ".to_string()),
@@ -282,7 +316,12 @@ struct JsonOpts {
     key_sep: String,
 }
 
-fn dump(v: &Value, o: &JsonOpts, level: usize, out: &mut String) -> std::result::Result<(), minijinja::Error> {
+fn dump(
+    v: &Value,
+    o: &JsonOpts,
+    level: usize,
+    out: &mut String,
+) -> std::result::Result<(), minijinja::Error> {
     let newline = |out: &mut String, level: usize| {
         if let Some(ind) = &o.indent {
             out.push('\n');
@@ -355,7 +394,11 @@ fn python_float(f: f64) -> String {
         return "NaN".into();
     }
     if f.is_infinite() {
-        return if f > 0.0 { "Infinity".into() } else { "-Infinity".into() };
+        return if f > 0.0 {
+            "Infinity".into()
+        } else {
+            "-Infinity".into()
+        };
     }
     let a = f.abs();
     if a != 0.0 && !(1e-4..1e16).contains(&a) {
@@ -414,7 +457,12 @@ mod tests {
             let msgs = messages_of(&c["messages"]);
             let agp = c["add_generation_prompt"].as_bool().unwrap();
             let got = tmpl.render(&msgs, agp).unwrap();
-            assert_eq!(got, c["text"].as_str().unwrap(), "{} (add_generation_prompt={agp})", c["name"]);
+            assert_eq!(
+                got,
+                c["text"].as_str().unwrap(),
+                "{} (add_generation_prompt={agp})",
+                c["name"]
+            );
         }
     }
 
@@ -474,7 +522,10 @@ mod tests {
                 fx["eos_token"].as_str(),
             )
             .unwrap();
-            let got = t.render(&messages_of(&c["messages"]), c["add_generation_prompt"].as_bool().unwrap());
+            let got = t.render(
+                &messages_of(&c["messages"]),
+                c["add_generation_prompt"].as_bool().unwrap(),
+            );
             assert_eq!(got.unwrap(), c["text"].as_str().unwrap(), "{}", c["name"]);
         }
     }
@@ -488,14 +539,23 @@ mod tests {
             Some("</s>"),
         )
         .unwrap();
-        let err = t.render(&[Message::new("tool", "x")], false).unwrap_err().to_string();
-        assert!(err.contains("/models/x/tokenizer_config.json") && err.contains("roles must be user/assistant"), "{err}");
+        let err = t
+            .render(&[Message::new("tool", "x")], false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("/models/x/tokenizer_config.json")
+                && err.contains("roles must be user/assistant"),
+            "{err}"
+        );
         assert!(matches!(t.render(&[Message::new("user", "x")], false), Ok(s) if s.is_empty()));
     }
 
     #[test]
     fn syntax_error_names_the_template_source() {
-        let err = ChatTemplate::new("{% for m in messages %}", "weird.gguf", None, None).unwrap_err().to_string();
+        let err = ChatTemplate::new("{% for m in messages %}", "weird.gguf", None, None)
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("weird.gguf:"), "{err}");
     }
 
@@ -511,9 +571,15 @@ mod tests {
     /// Reference dates are well-known calendar facts, not outputs of this code.
     #[test]
     fn strftime_known_dates() {
-        assert_eq!(strftime(0, "%Y-%m-%d %H:%M:%S %A %j"), "1970-01-01 00:00:00 Thursday 001");
+        assert_eq!(
+            strftime(0, "%Y-%m-%d %H:%M:%S %A %j"),
+            "1970-01-01 00:00:00 Thursday 001"
+        );
         // 2000-02-29 12:34:56 UTC, a leap day, was a Tuesday.
-        assert_eq!(strftime(951_827_696, "%d %b %Y, %a %I:%M %p %y %B %j %%"), "29 Feb 2000, Tue 12:34 PM 00 February 060 %");
+        assert_eq!(
+            strftime(951_827_696, "%d %b %Y, %a %I:%M %p %y %B %j %%"),
+            "29 Feb 2000, Tue 12:34 PM 00 February 060 %"
+        );
         // 2024-12-31 was a Tuesday and day 366 of a leap year.
         assert_eq!(strftime(1_735_603_200, "%A %j %e"), "Tuesday 366 31");
     }

