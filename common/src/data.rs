@@ -8,6 +8,7 @@
 
 use std::collections::HashSet;
 use std::path::Path;
+use std::sync::Arc;
 
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -435,7 +436,7 @@ impl<'a> SampleBuilder<'a> {
                 self.prompt_completion(prompt, completion)?
             }
             Record::Text(text) => {
-                let (mut ids, _) = self.tok.encode_with_offsets(text)?;
+                let mut ids = self.tok.encode(text, false)?;
                 ids.push(self.tok.eos_id);
                 let labels = ids.iter().map(|&i| i64::from(i)).collect();
                 self.with_bos(
@@ -511,9 +512,10 @@ impl<'a> SampleBuilder<'a> {
                 Ok(prefix) if full.starts_with(&prefix) => prefix.len(),
                 _ => self.turn_start(template, messages, i, &full)?,
             };
-            let end = match i + 1 < messages.len() {
-                true => content_start(template, messages, i + 1, &full)?.unwrap_or(full.len()),
-                false => full.len(),
+            let end = if i + 1 < messages.len() {
+                content_start(template, messages, i + 1, &full)?.unwrap_or(full.len())
+            } else {
+                full.len()
             };
             spans.push((start, end.max(start)));
         }
@@ -903,21 +905,21 @@ pub struct BatchOptions {
 
 /// Endless stream of batches over a data set, epoch after epoch, each epoch in its own
 /// seeded order. A batch never spans two epochs (the last of an epoch may have fewer rows).
-pub struct Batcher<'a> {
-    data: &'a Dataset,
+pub struct Batcher {
+    data: Arc<Dataset>,
     opts: BatchOptions,
     cursor: DataCursor,
     order: Vec<usize>,
 }
 
-impl<'a> Batcher<'a> {
-    pub fn new(data: &'a Dataset, opts: BatchOptions) -> Result<Self> {
+impl Batcher {
+    pub fn new(data: Arc<Dataset>, opts: BatchOptions) -> Result<Self> {
         Self::resume(data, opts, DataCursor::default())
     }
 
     /// Continues exactly where `cursor` was taken: the batches that follow are the ones the
     /// original batcher would have produced next.
-    pub fn resume(data: &'a Dataset, opts: BatchOptions, cursor: DataCursor) -> Result<Self> {
+    pub fn resume(data: Arc<Dataset>, opts: BatchOptions, cursor: DataCursor) -> Result<Self> {
         if data.is_empty() {
             return Err(Error::Data("cannot iterate over an empty data set".into()));
         }
@@ -1002,7 +1004,7 @@ impl<'a> Batcher<'a> {
     }
 }
 
-impl Iterator for Batcher<'_> {
+impl Iterator for Batcher {
     type Item = Batch;
     fn next(&mut self) -> Option<Batch> {
         Some(self.next_batch())
@@ -1740,9 +1742,9 @@ mod tests {
 
     #[test]
     fn batches_are_padded_rows_of_shifted_labels() {
-        let d = synthetic(&[4, 7, 2, 9, 5, 3, 8]);
+        let d = Arc::new(synthetic(&[4, 7, 2, 9, 5, 3, 8]));
         let o = opts(3, 8, false, false);
-        let mut b = Batcher::new(&d, o.clone()).unwrap();
+        let mut b = Batcher::new(d.clone(), o.clone()).unwrap();
         let order = b.epoch_order(0);
         let batch = b.next_batch();
         let rows: Vec<Row> = order[..3]
@@ -1789,8 +1791,8 @@ mod tests {
     #[test]
     fn packed_batches_follow_the_epoch_order() {
         let lens = [4, 7, 2, 9, 5, 3, 8, 1, 6, 6, 2, 11, 3];
-        let d = synthetic(&lens);
-        let mut b = Batcher::new(&d, opts(2, 10, true, false)).unwrap();
+        let d = Arc::new(synthetic(&lens));
+        let mut b = Batcher::new(d.clone(), opts(2, 10, true, false)).unwrap();
         let order = b.epoch_order(0);
         let expected = naive_pack(
             &order
@@ -1830,10 +1832,10 @@ mod tests {
     #[test]
     fn cursor_resumes_exactly() {
         let lens: Vec<usize> = (0..23).map(|i| 1 + (i * 7) % 13).collect();
-        let d = synthetic(&lens);
+        let d = Arc::new(synthetic(&lens));
         for (packing, group) in [(false, false), (true, false), (false, true)] {
             let o = opts(4, 12, packing, group);
-            let mut a = Batcher::new(&d, o.clone()).unwrap();
+            let mut a = Batcher::new(d.clone(), o.clone()).unwrap();
             let mut seen: Vec<Vec<u64>> = vec![Vec::new(); 3];
             let mut saved = None;
             let mut after = Vec::new();
@@ -1862,12 +1864,12 @@ mod tests {
             }
             assert_ne!(seen[0], seen[1]);
             let cursor: DataCursor = serde_json::from_str(&saved.unwrap()).unwrap();
-            let mut b = Batcher::resume(&d, o, cursor).unwrap();
+            let mut b = Batcher::resume(d.clone(), o, cursor).unwrap();
             let resumed: Vec<Batch> = (0..after.len()).map(|_| b.next_batch()).collect();
             assert_eq!(resumed, after, "packing={packing} group={group}");
         }
         let err = Batcher::resume(
-            &d,
+            d.clone(),
             opts(4, 12, false, false),
             DataCursor {
                 epoch: 0,
@@ -1877,17 +1879,17 @@ mod tests {
         .err()
         .unwrap();
         assert!(err.to_string().contains("past the end"));
-        assert!(Batcher::new(&Dataset::default(), opts(1, 4, false, false)).is_err());
+        assert!(Batcher::new(Arc::default(), opts(1, 4, false, false)).is_err());
     }
 
     #[test]
     fn group_by_length_sorts_each_megabatch() {
         let lens: Vec<usize> = (0..130).map(|i| 1 + (i * 37) % 50).collect();
-        let d = synthetic(&lens);
-        let plain = Batcher::new(&d, opts(1, 64, false, false))
+        let d = Arc::new(synthetic(&lens));
+        let plain = Batcher::new(d.clone(), opts(1, 64, false, false))
             .unwrap()
             .epoch_order(3);
-        let grouped = Batcher::new(&d, opts(1, 64, false, true))
+        let grouped = Batcher::new(d.clone(), opts(1, 64, false, true))
             .unwrap()
             .epoch_order(3);
         for (p, g) in plain.chunks(50).zip(grouped.chunks(50)) {
