@@ -393,7 +393,8 @@ struct RawTraining {
     #[serde(skip_serializing_if = "Option::is_none")]
     warmup_ratio: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    warmup_steps: Option<usize>,
+    /// A step count, or (transformers ≥ 5) a float in (0, 1) meaning a ratio.
+    warmup_steps: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     lr_scheduler_type: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -1266,9 +1267,27 @@ fn validate(raw: RawConfig) -> VResult<TrainConfig> {
             "training.resume_from_checkpoint",
             s,
         )?))),
-        Some(other) => return Err(format!(
+        Some(other) => {
+            return Err(format!(
             "`training.resume_from_checkpoint` = {other} must be true, false or a checkpoint path"
-        )),
+        ))
+        }
+    };
+    // transformers 5 folded warmup_ratio into warmup_steps: a value in (0, 1) is a ratio.
+    let (warmup_ratio, warmup_steps) = match t.warmup_steps {
+        Some(w) if w > 0.0 && w < 1.0 => {
+            check(t.warmup_ratio.is_none(), || {
+                format!("`training.warmup_steps` = {w} is a ratio (< 1) and `training.warmup_ratio` is also set; give one")
+            })?;
+            (w, 0)
+        }
+        Some(w) => {
+            check(w >= 0.0 && w.fract() == 0.0 && w < 1e15, || {
+                format!("`training.warmup_steps` = {w} must be a step count, or a ratio in (0, 1)")
+            })?;
+            (t.warmup_ratio.unwrap_or(0.0), w as usize)
+        }
+        None => (t.warmup_ratio.unwrap_or(0.0), 0),
     };
     let training_section = TrainingSection {
         learning_rate: positive("training.learning_rate", t.learning_rate.unwrap_or(2e-4))?,
@@ -1282,14 +1301,8 @@ fn validate(raw: RawConfig) -> VResult<TrainConfig> {
         )?,
         num_train_epochs,
         max_steps,
-        warmup_ratio: in_range(
-            "training.warmup_ratio",
-            t.warmup_ratio.unwrap_or(0.0),
-            0.0,
-            1.0,
-            true,
-        )?,
-        warmup_steps: t.warmup_steps.unwrap_or(0),
+        warmup_ratio: in_range("training.warmup_ratio", warmup_ratio, 0.0, 1.0, true)?,
+        warmup_steps,
         lr_scheduler_type: choose(
             "training.lr_scheduler_type",
             t.lr_scheduler_type.as_deref().unwrap_or("linear"),
@@ -1672,7 +1685,7 @@ impl TrainConfig {
                 num_train_epochs: Some(tr.num_train_epochs),
                 max_steps: Some(tr.max_steps),
                 warmup_ratio: Some(tr.warmup_ratio),
-                warmup_steps: Some(tr.warmup_steps),
+                warmup_steps: Some(tr.warmup_steps as f64),
                 lr_scheduler_type: Some(name_of(tr.lr_scheduler_type, SCHEDULERS).to_string()),
                 weight_decay: Some(tr.weight_decay),
                 adam_beta1: Some(tr.adam_beta1),
@@ -2680,6 +2693,72 @@ training:
         }
     }
 
+    /// Field names and defaults of HF TrainingArguments, PEFT LoraConfig and
+    /// BitsAndBytesConfig, dumped from the real classes by make_fixtures.py.
+    fn hf_names() -> Value {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/peft/hf_names.json");
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn key_names_are_hf_and_peft_names() {
+        let hf = hf_names();
+        let ta = hf["TrainingArguments"].as_object().unwrap();
+        // Names of transformers 4.x that 5.x folded into others (warmup_ratio into
+        // warmup_steps, group_by_length into train_sampling_strategy); still the names most
+        // configs use.
+        let hf4_only = ["warmup_ratio"];
+        for k in section_keys("training").unwrap() {
+            assert!(
+                ta.contains_key(*k) || hf4_only.contains(k),
+                "training.{k} is not a TrainingArguments field"
+            );
+        }
+        for k in ["output_dir", "seed"] {
+            assert!(ta.contains_key(k), "{k}");
+        }
+        let lc = hf["LoraConfig"].as_object().unwrap();
+        for k in section_keys("lora").unwrap() {
+            assert!(lc.contains_key(*k), "lora.{k} is not a LoraConfig field");
+        }
+        let bnb = hf["BitsAndBytesConfig"].as_object().unwrap();
+        for k in ["bnb_4bit_use_double_quant", "bnb_4bit_quant_type"] {
+            assert!(bnb.contains_key(k), "{k}");
+        }
+    }
+
+    #[test]
+    fn defaults_that_follow_hf_equal_hf() {
+        // The rest (learning_rate, batch size, epochs, logging/save steps, LoRA r/alpha/
+        // dropout, NF4) are deliberate QLoRA-recipe defaults that differ from HF's.
+        let hf = hf_names();
+        let ta = &hf["TrainingArguments"];
+        let c = toml_cfg(MINIMAL).unwrap();
+        let t = &c.training;
+        assert_eq!(
+            ta["gradient_accumulation_steps"],
+            t.gradient_accumulation_steps
+        );
+        assert_eq!(ta["max_steps"], t.max_steps);
+        assert_eq!(ta["warmup_steps"].as_f64().unwrap(), t.warmup_steps as f64);
+        assert_eq!(
+            ta["lr_scheduler_type"],
+            name_of(t.lr_scheduler_type, SCHEDULERS)
+        );
+        assert_eq!(ta["weight_decay"], t.weight_decay);
+        assert_eq!(ta["adam_beta1"], t.adam_beta1);
+        assert_eq!(ta["adam_beta2"], t.adam_beta2);
+        assert_eq!(ta["adam_epsilon"], t.adam_epsilon);
+        assert_eq!(ta["max_grad_norm"], t.max_grad_norm);
+        assert_eq!(ta["save_total_limit"], Value::Null);
+        assert_eq!(ta["eval_steps"], Value::Null);
+        assert_eq!(ta["resume_from_checkpoint"], Value::Null);
+        assert_eq!(ta["seed"], c.seed);
+        let lc = &hf["LoraConfig"];
+        assert_eq!(lc["use_rslora"], c.lora.use_rslora);
+        assert_eq!(lc["bias"], "none");
+    }
+
     #[test]
     fn device_syntax() {
         assert_eq!(Device::parse("cpu").unwrap(), Device::Cpu);
@@ -2699,6 +2778,17 @@ training:
         assert_eq!(t.num_warmup_steps(25), 3);
         t.warmup_steps = 7;
         assert_eq!(t.num_warmup_steps(25), 7);
+        // transformers 5 spelling: warmup_steps < 1 is a ratio.
+        let c = toml_cfg(&minimal_plus("training", "warmup_steps = 0.1")).unwrap();
+        assert_eq!((c.training.warmup_ratio, c.training.warmup_steps), (0.1, 0));
+        assert_eq!(c.training.num_warmup_steps(25), 3);
+        let e = err_of(toml_cfg(&minimal_plus(
+            "training",
+            "warmup_steps = 0.1\nwarmup_ratio = 0.2",
+        )));
+        assert!(e.contains("`training.warmup_ratio`"), "{e}");
+        let e = err_of(toml_cfg(&minimal_plus("training", "warmup_steps = 2.5")));
+        assert!(e.contains("`training.warmup_steps`"), "{e}");
     }
 
     #[test]
