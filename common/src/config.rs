@@ -15,6 +15,9 @@ use serde_json::{Map, Value};
 
 use crate::{Error, Result};
 
+/// Validation steps return a message naming the key; the caller adds the file name.
+type VResult<T> = std::result::Result<T, String>;
+
 // ---------------------------------------------------------------------------------------
 // Schema: the keys each section accepts. Kept next to the raw structs below; a test checks
 // that both agree.
@@ -234,7 +237,7 @@ fn unknown_key_message(section: Option<&str>, key: &str) -> String {
 }
 
 /// Rejects keys that the schema does not know. Sections given as YAML `null` count as empty.
-fn check_known_keys(tree: &mut Map<String, Value>) -> std::result::Result<(), String> {
+fn check_known_keys(tree: &mut Map<String, Value>) -> VResult<()> {
     for (key, value) in tree.iter_mut() {
         if TOP_KEYS.contains(&key.as_str()) {
             continue;
@@ -440,10 +443,7 @@ struct RawConfig {
 
 /// Deserializes one section. serde_json does not say which field failed, so on error each
 /// key is retried alone (every raw field is optional) to find and name the culprit.
-fn de_section<T: DeserializeOwned>(
-    section: Option<&str>,
-    obj: &Map<String, Value>,
-) -> std::result::Result<T, String> {
+fn de_section<T: DeserializeOwned>(section: Option<&str>, obj: &Map<String, Value>) -> VResult<T> {
     match serde_json::from_value(Value::Object(obj.clone())) {
         Ok(v) => Ok(v),
         Err(e) => {
@@ -458,7 +458,7 @@ fn de_section<T: DeserializeOwned>(
     }
 }
 
-fn raw_from_tree(tree: &Map<String, Value>) -> std::result::Result<RawConfig, String> {
+fn raw_from_tree(tree: &Map<String, Value>) -> VResult<RawConfig> {
     let top: Map<String, Value> = tree
         .iter()
         .filter(|(k, _)| TOP_KEYS.contains(&k.as_str()))
@@ -502,7 +502,11 @@ impl fmt::Display for Device {
 
 impl Device {
     /// Parses "cpu", "cuda" (= "cuda:0") or "cuda:N".
-    pub fn parse(s: &str) -> std::result::Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self> {
+        Self::parse_str(s).map_err(|e| Error::Config(format!("device: {e}")))
+    }
+
+    fn parse_str(s: &str) -> VResult<Self> {
         match s {
             "cpu" => Ok(Device::Cpu),
             "cuda" => Ok(Device::Cuda(0)),
@@ -776,7 +780,7 @@ const OPTIMS: &[(&str, Optim)] = &[
     ("paged_adamw_32bit", Optim::AdamW),
 ];
 
-fn choose<T: Copy>(key: &str, value: &str, table: &[(&str, T)]) -> std::result::Result<T, String> {
+fn choose<T: Copy>(key: &str, value: &str, table: &[(&str, T)]) -> VResult<T> {
     if let Some((_, v)) = table.iter().find(|(s, _)| *s == value) {
         return Ok(*v);
     }
@@ -800,7 +804,7 @@ fn name_of<T: Copy + PartialEq>(v: T, table: &[(&'static str, T)]) -> &'static s
 }
 
 impl TeacherOutput {
-    fn parse(s: &str) -> std::result::Result<Self, String> {
+    fn parse(s: &str) -> VResult<Self> {
         match s {
             "hidden" => Ok(TeacherOutput::Hidden),
             "logits" => Ok(TeacherOutput::Logits),
@@ -831,11 +835,15 @@ impl fmt::Display for TeacherOutput {
 
 /// Parses a layer spec such as "0-13,24-29" (inclusive ranges and single indices) into
 /// sorted unique indices.
-pub fn parse_layer_spec(spec: &str) -> std::result::Result<Vec<usize>, String> {
+pub fn parse_layer_spec(spec: &str) -> Result<Vec<usize>> {
+    layer_spec_indices(spec).map_err(Error::Config)
+}
+
+fn layer_spec_indices(spec: &str) -> VResult<Vec<usize>> {
     let mut out = Vec::new();
     for item in spec.split(',') {
         let item = item.trim();
-        let num = |s: &str| -> std::result::Result<usize, String> {
+        let num = |s: &str| -> VResult<usize> {
             s.trim().parse::<usize>().map_err(|_| {
                 format!(
                     "bad range `{item}` in {spec:?}: `{}` is not a layer index",
@@ -887,8 +895,6 @@ pub fn format_layer_spec(layers: &[usize]) -> String {
 
 // ---------------------------------------------------------------------------------------
 // Validation: raw → typed.
-
-type VResult<T> = std::result::Result<T, String>;
 
 fn check(ok: bool, msg: impl FnOnce() -> String) -> VResult<()> {
     if ok {
@@ -949,7 +955,7 @@ fn validate(raw: RawConfig) -> VResult<TrainConfig> {
         top.output_dir
             .ok_or("`output_dir` is required (where checkpoints go)")?,
     )?;
-    let device = Device::parse(top.device.as_deref().unwrap_or("cpu"))
+    let device = Device::parse_str(top.device.as_deref().unwrap_or("cpu"))
         .map_err(|e| format!("`device`: {e}"))?;
 
     // [model]
@@ -971,9 +977,11 @@ fn validate(raw: RawConfig) -> VResult<TrainConfig> {
     let keep_layers = match model.keep_layers {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) => {
-            let l = parse_layer_spec(&s).map_err(|e| format!("`model.keep_layers`: {e}"))?;
+            let l = layer_spec_indices(&s).map_err(|e| format!("`model.keep_layers`: {e}"))?;
             Some(l)
         }
+        // A single index, as an override `model.keep_layers=5` parses.
+        Some(Value::Number(n)) if n.as_u64().is_some() => Some(vec![n.as_u64().unwrap_or(0) as usize]),
         Some(Value::Array(items)) => {
             let mut l = Vec::with_capacity(items.len());
             for it in &items {
@@ -1368,7 +1376,7 @@ fn validate(raw: RawConfig) -> VResult<TrainConfig> {
 
 /// Finds the (section, key) an override names: `section.key`, a top-level key, or a bare
 /// key that exists in exactly one section.
-fn override_target(key: &str) -> std::result::Result<(Option<&'static str>, String), String> {
+fn override_target(key: &str) -> VResult<(Option<&'static str>, String)> {
     if let Some((section, k)) = key.split_once('.') {
         let Some((s, keys)) = SECTIONS.iter().find(|(s, _)| *s == section) else {
             if TOP_KEYS.contains(&section) {
@@ -1412,7 +1420,7 @@ fn override_target(key: &str) -> std::result::Result<(Option<&'static str>, Stri
 
 /// A value on the command line: a TOML literal (`2e-4`, `true`, `["q_proj"]`,
 /// `"text"`), else the raw text as a string (`cosine`, `cuda:0`, `runs/x`).
-fn parse_override_value(key: &str, text: &str) -> std::result::Result<Value, String> {
+fn parse_override_value(key: &str, text: &str) -> VResult<Value> {
     let doc = format!("v = {text}");
     match toml::from_str::<toml::Table>(&doc) {
         Ok(t) => match t.get("v").map(|v| toml_to_json(v, key)) {
@@ -1486,13 +1494,13 @@ fn child(path: &str, key: &str) -> String {
 
 /// A float as JSON. NaN and infinities have no JSON form (serde_json would turn them into
 /// null, i.e. "not set"), so they are rejected here with their key.
-fn json_float(f: f64, path: &str) -> std::result::Result<Value, String> {
+fn json_float(f: f64, path: &str) -> VResult<Value> {
     serde_json::Number::from_f64(f)
         .map(Value::Number)
         .ok_or_else(|| format!("`{path}` = {f} must be a finite number"))
 }
 
-fn toml_to_json(v: &toml::Value, path: &str) -> std::result::Result<Value, String> {
+fn toml_to_json(v: &toml::Value, path: &str) -> VResult<Value> {
     Ok(match v {
         toml::Value::String(s) => Value::String(s.clone()),
         toml::Value::Integer(i) => Value::from(*i),
@@ -1509,12 +1517,12 @@ fn toml_to_json(v: &toml::Value, path: &str) -> std::result::Result<Value, Strin
         toml::Value::Table(t) => Value::Object(
             t.iter()
                 .map(|(k, x)| Ok((k.clone(), toml_to_json(x, &child(path, k))?)))
-                .collect::<std::result::Result<_, String>>()?,
+                .collect::<VResult<_>>()?,
         ),
     })
 }
 
-fn yaml_to_json(v: &serde_yaml::Value, path: &str) -> std::result::Result<Value, String> {
+fn yaml_to_json(v: &serde_yaml::Value, path: &str) -> VResult<Value> {
     use serde_yaml::Value as Y;
     Ok(match v {
         Y::Null => Value::Null,
@@ -1876,7 +1884,7 @@ fn cached_snapshot(id: &str, revision: Option<&str>, cache: &Path) -> Result<Pat
     let repo = cache.join(hub_folder(id));
     let not_cached = |what: String| {
         Error::Msg(format!(
-            "model {id:?} (revision {rev}) {what} in the HF cache at {}; HF_HUB_OFFLINE is set, so nothing can be downloaded",
+            "model {id:?} (revision {rev}) is no local file or dir, and {what} in the HF cache at {}; HF_HUB_OFFLINE is set, so nothing can be downloaded",
             cache.display()
         ))
     };
@@ -1885,18 +1893,18 @@ fn cached_snapshot(id: &str, revision: Option<&str>, cache: &Path) -> Result<Pat
         Ok(c) => c.trim().to_string(),
         // A revision given as a commit hash has no ref file, only its snapshot dir.
         Err(_) if repo.join("snapshots").join(rev).is_dir() => rev.to_string(),
-        Err(_) => return Err(not_cached("is not".into())),
+        Err(_) => return Err(not_cached("it is not".into())),
     };
     let snapshot = repo.join("snapshots").join(&commit);
     if !snapshot.is_dir() {
         return Err(not_cached(format!(
-            "has a ref to commit {commit} but no snapshot of it"
+            "it has a ref to commit {commit} but no snapshot of it"
         )));
     }
     let missing = missing_model_files(&snapshot)?;
     if !missing.is_empty() {
         return Err(not_cached(format!(
-            "is incomplete (missing {})",
+            "it is incomplete (missing {})",
             missing.join(", ")
         )));
     }
@@ -1909,7 +1917,9 @@ fn download_snapshot(id: &str, revision: Option<&str>, env: &HubEnv) -> Result<P
 
     let rev = revision.unwrap_or("main");
     let hub_err = |what: &str, e: hf_hub::api::sync::ApiError| {
-        Error::Msg(format!("hub model {id:?} (revision {rev}): {what}: {e}"))
+        Error::Msg(format!(
+            "hub model {id:?} (revision {rev}; no local file or dir of that name exists): {what}: {e}"
+        ))
     };
     let mut builder = ApiBuilder::from_cache(Cache::new(env.cache_dir.clone()));
     if let Some(ep) = &env.endpoint {
@@ -2249,6 +2259,7 @@ training:
             minimal_plus("teacher", "mode = \"model\""),
             minimal_plus("training", "resume_from_checkpoint = true"),
             minimal_plus("model", "keep_layers = \"3\""),
+            minimal_plus("model", "keep_layers = 3"),
         ];
         for text in &variants {
             let c = toml_cfg(text).unwrap();
@@ -2674,13 +2685,13 @@ training:
 
     #[test]
     fn layer_spec_errors_name_the_bad_range() {
-        let e = parse_layer_spec("0-13,13-0").unwrap_err();
+        let e = parse_layer_spec("0-13,13-0").unwrap_err().to_string();
         assert!(e.contains("`13-0`"), "{e}");
-        let e = parse_layer_spec("0-13,a-3").unwrap_err();
+        let e = parse_layer_spec("0-13,a-3").unwrap_err().to_string();
         assert!(e.contains("`a-3`"), "{e}");
-        let e = parse_layer_spec("0-3,,5").unwrap_err();
+        let e = parse_layer_spec("0-3,,5").unwrap_err().to_string();
         assert!(e.contains("empty"), "{e}");
-        let e = parse_layer_spec("1-2-3").unwrap_err();
+        let e = parse_layer_spec("1-2-3").unwrap_err().to_string();
         assert!(e.contains("`1-2-3`"), "{e}");
     }
 
@@ -2757,6 +2768,16 @@ training:
         let lc = &hf["LoraConfig"];
         assert_eq!(lc["use_rslora"], c.lora.use_rslora);
         assert_eq!(lc["bias"], "none");
+    }
+
+    #[test]
+    fn yaml_exponent_floats_are_numbers() {
+        let y = "output_dir: o\nmodel: {model_name_or_path: m}\ndata: {train_file: t}\ntraining: {learning_rate: 1e-4, adam_epsilon: 1.0e-6}\n";
+        let c = parse(y, ConfigFormat::Yaml, "job.yaml", &[]).unwrap();
+        assert_eq!(
+            (c.training.learning_rate, c.training.adam_epsilon),
+            (1e-4, 1e-6)
+        );
     }
 
     #[test]
