@@ -1419,8 +1419,12 @@ fn override_target(key: &str) -> VResult<(Option<&'static str>, String)> {
 }
 
 /// A value on the command line: a TOML literal (`2e-4`, `true`, `["q_proj"]`,
-/// `"text"`), else the raw text as a string (`cosine`, `cuda:0`, `runs/x`).
+/// `"text"`), `null`, else the raw text as a string (`cosine`, `cuda:0`, `runs/x`).
 fn parse_override_value(key: &str, text: &str) -> VResult<Value> {
+    // TOML has no null; `null` unsets a key given in the file (back to its default).
+    if text == "null" {
+        return Ok(Value::Null);
+    }
     let doc = format!("v = {text}");
     match toml::from_str::<toml::Table>(&doc) {
         Ok(t) => match t.get("v").map(|v| toml_to_json(v, key)) {
@@ -2621,6 +2625,9 @@ training:
         let text = minimal_plus("lora", "r = 4");
         let c = parse(&text, ConfigFormat::Toml, "j.toml", &["lora.r=32".into()]).unwrap();
         assert_eq!(c.lora.r, 32);
+        // `null` takes a key of the file back to its default.
+        let c = parse(&text, ConfigFormat::Toml, "j.toml", &["lora.r=null".into()]).unwrap();
+        assert_eq!(c.lora.r, 16);
     }
 
     #[test]
