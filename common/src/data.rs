@@ -152,8 +152,8 @@ pub fn read_records(path: &Path, format: DataFormat, skip_malformed: bool) -> Re
     if first == Some(b'[') && ext != "jsonl" && ext != "ndjson" {
         let items: Vec<Json> = serde_json::from_slice(bytes)
             .map_err(|e| Error::format(path, format!("not a JSON array of records: {e}")))?;
-        for (i, item) in items.iter().enumerate() {
-            reader.add(&format!("record {}", i + 1), Ok(item.clone()))?;
+        for (i, item) in items.into_iter().enumerate() {
+            reader.add(|| format!("record {}", i + 1), Ok(item))?;
         }
     } else {
         for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
@@ -166,7 +166,7 @@ pub fn read_records(path: &Path, format: DataFormat, skip_malformed: bool) -> Re
                 .and_then(|s| {
                     serde_json::from_str::<Json>(s).map_err(|e| format!("invalid JSON: {e}"))
                 });
-            reader.add(&format!("line {}", i + 1), parsed)?;
+            reader.add(|| format!("line {}", i + 1), parsed)?;
         }
     }
     let format = reader.format;
@@ -186,11 +186,16 @@ struct RecordReader<'a> {
 }
 
 impl RecordReader<'_> {
-    fn add(&mut self, place: &str, parsed: std::result::Result<Json, String>) -> Result<()> {
+    /// `place` names the line or record for the error message.
+    fn add(
+        &mut self,
+        place: impl Fn() -> String,
+        parsed: std::result::Result<Json, String>,
+    ) -> Result<()> {
         match parsed.and_then(|v| self.parse(&v)) {
             Ok(r) => self.records.push(r),
             Err(_) if self.skip_malformed => self.skipped += 1,
-            Err(msg) => return Err(Error::format(self.path, format!("{place}: {msg}"))),
+            Err(msg) => return Err(Error::format(self.path, format!("{}: {msg}", place()))),
         }
         Ok(())
     }
