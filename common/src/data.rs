@@ -152,8 +152,8 @@ pub fn read_records(path: &Path, format: DataFormat, skip_malformed: bool) -> Re
     if first == Some(b'[') && ext != "jsonl" && ext != "ndjson" {
         let items: Vec<Json> = serde_json::from_slice(bytes)
             .map_err(|e| Error::format(path, format!("not a JSON array of records: {e}")))?;
-        for (i, item) in items.iter().enumerate() {
-            reader.add(&format!("record {}", i + 1), Ok(item.clone()))?;
+        for (i, item) in items.into_iter().enumerate() {
+            reader.add(|| format!("record {}", i + 1), Ok(item))?;
         }
     } else {
         for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
@@ -166,7 +166,7 @@ pub fn read_records(path: &Path, format: DataFormat, skip_malformed: bool) -> Re
                 .and_then(|s| {
                     serde_json::from_str::<Json>(s).map_err(|e| format!("invalid JSON: {e}"))
                 });
-            reader.add(&format!("line {}", i + 1), parsed)?;
+            reader.add(|| format!("line {}", i + 1), parsed)?;
         }
     }
     let format = reader.format;
@@ -186,11 +186,16 @@ struct RecordReader<'a> {
 }
 
 impl RecordReader<'_> {
-    fn add(&mut self, place: &str, parsed: std::result::Result<Json, String>) -> Result<()> {
+    /// `place` names the line or record for the error message.
+    fn add(
+        &mut self,
+        place: impl Fn() -> String,
+        parsed: std::result::Result<Json, String>,
+    ) -> Result<()> {
         match parsed.and_then(|v| self.parse(&v)) {
             Ok(r) => self.records.push(r),
             Err(_) if self.skip_malformed => self.skipped += 1,
-            Err(msg) => return Err(Error::format(self.path, format!("{place}: {msg}"))),
+            Err(msg) => return Err(Error::format(self.path, format!("{}: {msg}", place()))),
         }
         Ok(())
     }
@@ -378,7 +383,8 @@ pub fn alpaca_prompt(instruction: &str, input: &str) -> String {
 ///   render of `messages[..i]` with `add_generation_prompt=true` is the prompt prefix of
 ///   assistant message `i`, so its span starts where that prefix ends; the span runs to the
 ///   first special token (the turn's end token, e.g. `<|im_end|>`, `<|eot_id|>`), which is
-///   trained too, and never past the start of the next message's content. A token is in a
+///   trained too, and never past the end of the render of `messages[..=i]` (when that is a
+///   prefix of the whole) or else the start of the next message's content. A token is in a
 ///   span when its byte range overlaps it (transformers' `return_assistant_tokens_mask`
 ///   rule). If the prefix render is not a prefix of the whole render (templates that render
 ///   a turn differently once it is no longer the last), the span starts after the last
@@ -512,10 +518,14 @@ impl<'a> SampleBuilder<'a> {
                 Ok(prefix) if full.starts_with(&prefix) => prefix.len(),
                 _ => self.turn_start(template, messages, i, &full)?,
             };
-            let end = if i + 1 < messages.len() {
-                content_start(template, messages, i + 1, &full)?.unwrap_or(full.len())
-            } else {
-                full.len()
+            // The turn ends where the conversation cut after it ends, if that renders as a
+            // prefix of the whole; else no later than where the next message's content starts.
+            let end = match template.render(&messages[..=i], false) {
+                Ok(upto) if full.starts_with(&upto) => upto.len(),
+                _ if i + 1 < messages.len() => {
+                    content_start(template, messages, i + 1, &full)?.unwrap_or(full.len())
+                }
+                _ => full.len(),
             };
             spans.push((start, end.max(start)));
         }
@@ -1352,6 +1362,38 @@ mod tests {
             .build(&Record::Chat(conv.clone()))
             .unwrap();
         assert_eq!(got, chatml_reference(&tok, &conv, Some(SMOLLM_SYSTEM)));
+    }
+
+    /// Without special tokens a turn ends where the render of the conversation up to it ends.
+    #[test]
+    fn plain_template_turns_end_with_their_render() {
+        let tok = byte_tokenizer();
+        let t = ChatTemplate::new(
+            "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}",
+            "plain",
+            None,
+            None,
+        )
+        .unwrap();
+        let conv = conversations()[1].clone();
+        let (got, _) = SampleBuilder::new(&tok, Some(&t), None)
+            .build(&Record::Chat(conv.clone()))
+            .unwrap();
+        let mut want = Sample::default();
+        for m in &conv {
+            let assistant = m.role == "assistant";
+            for (text, trained) in [
+                (format!("{}: ", m.role), false),
+                (format!("{}\n", m.content), assistant),
+            ] {
+                for id in tok.encode(&text, false).unwrap() {
+                    want.input_ids.push(id);
+                    want.labels
+                        .push(if trained { i64::from(id) } else { IGNORE_INDEX });
+                }
+            }
+        }
+        assert_eq!(got, want);
     }
 
     #[test]
