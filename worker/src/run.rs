@@ -24,10 +24,15 @@ use crate::trainer::{dropout_seed, teacher_hidden, DeviceBatch, LossSums, Studen
 /// What a finished run reports.
 pub struct TrainSummary {
     pub steps: usize,
+    /// Tokens processed (padding excluded) and, of those, tokens with a training target.
     pub tokens: usize,
+    pub target_tokens: usize,
     pub seconds: f64,
     pub eval_before: Option<LossSums>,
     pub eval_after: Option<LossSums>,
+    /// The same on held-out rehearsal data: how much general ability was kept.
+    pub rehearsal_before: Option<LossSums>,
+    pub rehearsal_after: Option<LossSums>,
     pub last_loss: f64,
     pub output: PathBuf,
     pub base_bytes: usize,
@@ -36,13 +41,29 @@ pub struct TrainSummary {
 impl TrainSummary {
     pub fn table(&self) -> String {
         let mut s = String::new();
-        s.push_str(&format!("steps {} · {} target tokens · {:.1} s · {:.0} tok/s\n", self.steps, self.tokens, self.seconds, self.tokens as f64 / self.seconds.max(1e-9)));
+        s.push_str(&format!(
+            "steps {} · {} tokens ({} trained) · {:.1} s · {:.0} tok/s\n",
+            self.steps,
+            self.tokens,
+            self.target_tokens,
+            self.seconds,
+            self.tokens as f64 / self.seconds.max(1e-9)
+        ));
         s.push_str(&format!("student base weights in memory: {:.1} MiB\n", self.base_bytes as f64 / (1 << 20) as f64));
+        let mut rows = Vec::new();
         if let (Some(b), Some(a)) = (&self.eval_before, &self.eval_after) {
-            s.push_str("eval                  before      after\n");
-            s.push_str(&format!("CE (nats/token)   {:>10.4} {:>10.4}\n", b.ce_mean(), a.ce_mean()));
+            rows.push(("held-out", b, a));
+        }
+        if let (Some(b), Some(a)) = (&self.rehearsal_before, &self.rehearsal_after) {
+            rows.push(("rehearsal", b, a));
+        }
+        if !rows.is_empty() {
+            s.push_str("eval (T = 1)                      before      after\n");
+        }
+        for (name, b, a) in rows {
+            s.push_str(&format!("{name:<10} CE (nats/token)      {:>9.4} {:>10.4}\n", b.ce_mean(), a.ce_mean()));
             if b.kd != 0.0 || a.kd != 0.0 {
-                s.push_str(&format!("KL(teacher‖student){:>9.4} {:>10.4}\n", b.kd_mean(), a.kd_mean()));
+                s.push_str(&format!("{name:<10} KL(teacher‖student) {:>9.4} {:>10.4}\n", b.kd_mean(), a.kd_mean()));
             }
         }
         s.push_str(&format!("final train loss {:.4}\nadapter: {}", self.last_loss, self.output.display()));
@@ -163,10 +184,18 @@ pub fn train(config_path: &Path, overrides: &[String], progress: bool) -> anyhow
     let mut metrics = std::fs::File::create(&metrics_path).with_context(|| format!("creating {}", metrics_path.display()))?;
 
     let eval_batches: Vec<DeviceBatch> = data.eval.iter().map(|b| DeviceBatch::new(b, &device)).collect::<Result<_, _>>()?;
-    let eval_before = if eval_batches.is_empty() { None } else { Some(student.evaluate(&eval_batches, &teacher)?) };
-    if let Some(e) = &eval_before {
-        tracing::info!(ce = e.ce_mean(), kl = e.kd_mean(), "eval before training");
-    }
+    let reh_batches: Vec<DeviceBatch> =
+        data.eval_rehearsal.iter().map(|b| DeviceBatch::new(b, &device)).collect::<Result<_, _>>()?;
+    let evaluate = |student: &Student, batches: &[DeviceBatch], what: &str| -> anyhow::Result<Option<LossSums>> {
+        if batches.is_empty() {
+            return Ok(None);
+        }
+        let e = student.evaluate(batches, &teacher)?;
+        tracing::info!(ce = e.ce_mean(), kl = e.kd_mean(), tokens = e.tokens, "eval {what}");
+        Ok(Some(e))
+    };
+    let eval_before = evaluate(&student, &eval_batches, "held-out, before training")?;
+    let rehearsal_before = evaluate(&student, &reh_batches, "rehearsal, before training")?;
 
     let bar = if progress { ProgressBar::new(total_steps as u64) } else { ProgressBar::hidden() };
     bar.set_style(
@@ -178,6 +207,7 @@ pub fn train(config_path: &Path, overrides: &[String], progress: bool) -> anyhow
     let mut thr = Throughput::new();
     let started = Instant::now();
     let mut last_loss = f64::NAN;
+    let mut target_tokens = 0usize;
     let mut tokens = 0usize;
     for step in 0..total_steps {
         let micro: Vec<DeviceBatch> = (0..t.gradient_accumulation_steps)
@@ -194,24 +224,27 @@ pub fn train(config_path: &Path, overrides: &[String], progress: bool) -> anyhow
         let grad_norm = student.optimizer_step(lr, t.max_grad_norm)?;
         let kd_term = student.loss.kd_weight * student.loss.temperature.powi(2) * sums.kd_mean();
         last_loss = student.loss.ce_weight * sums.ce_mean() + kd_term;
-        tokens += sums.tokens;
-        thr.add(micro.iter().map(|b| b.labels.len()).sum());
+        target_tokens += sums.tokens;
+        let step_tokens: usize = micro.iter().map(|b| b.n_tokens).sum();
+        tokens += step_tokens;
+        thr.add(step_tokens);
         let rec = serde_json::json!({
             "step": step + 1, "loss": last_loss, "ce": sums.ce_mean(), "kd": sums.kd_mean(),
             "lr": lr, "grad_norm": grad_norm, "tokens_per_sec": thr.tokens_per_sec(),
             "epoch": stream.cursor().epoch as f64 + stream.cursor().index as f64 / n_train,
         });
         writeln!(metrics, "{rec}").with_context(|| format!("writing {}", metrics_path.display()))?;
-        bar.set_message(format!("loss {last_loss:.3} · ce {:.3} · kl {:.3} · {:.0} tok/s", sums.ce_mean(), sums.kd_mean(), thr.tokens_per_sec()));
+        bar.set_message(format!("loss {last_loss:.3} · ce {:.3} · kd {:.3} · {:.0} tok/s", sums.ce_mean(), sums.kd_mean(), thr.tokens_per_sec()));
         bar.inc(1);
         if t.logging_steps > 0 && (step + 1) % t.logging_steps == 0 {
-            bar.suspend(|| tracing::info!(step = step + 1, loss = last_loss, ce = sums.ce_mean(), kl = sums.kd_mean(), lr, grad_norm, "train"));
+            bar.suspend(|| tracing::info!(step = step + 1, loss = last_loss, ce = sums.ce_mean(), kd = sums.kd_mean(), lr, grad_norm, "train"));
         }
     }
     bar.finish_and_clear();
     let seconds = started.elapsed().as_secs_f64();
 
-    let eval_after = if eval_batches.is_empty() { None } else { Some(student.evaluate(&eval_batches, &teacher)?) };
+    let eval_after = evaluate(&student, &eval_batches, "held-out, after training")?;
+    let rehearsal_after = evaluate(&student, &reh_batches, "rehearsal, after training")?;
     let out = cfg.output_dir.join("final_model");
     let adapter_cfg = AdapterConfig::new(Some(cfg.model.model_name_or_path.clone()), &cfg.lora);
     let tensors = student.params.peft_tensors()?;
@@ -227,7 +260,10 @@ pub fn train(config_path: &Path, overrides: &[String], progress: bool) -> anyhow
         seconds,
         eval_before,
         eval_after,
+        rehearsal_before,
+        rehearsal_after,
         last_loss,
+        target_tokens,
         output: out,
         base_bytes: student.model.base_memory_bytes(),
     })
