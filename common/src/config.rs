@@ -15,6 +15,9 @@ use serde_json::{Map, Value};
 
 use crate::{Error, Result};
 
+/// Validation steps return a message naming the key; the caller adds the file name.
+type VResult<T> = std::result::Result<T, String>;
+
 // ---------------------------------------------------------------------------------------
 // Schema: the keys each section accepts. Kept next to the raw structs below; a test checks
 // that both agree.
@@ -234,7 +237,7 @@ fn unknown_key_message(section: Option<&str>, key: &str) -> String {
 }
 
 /// Rejects keys that the schema does not know. Sections given as YAML `null` count as empty.
-fn check_known_keys(tree: &mut Map<String, Value>) -> std::result::Result<(), String> {
+fn check_known_keys(tree: &mut Map<String, Value>) -> VResult<()> {
     for (key, value) in tree.iter_mut() {
         if TOP_KEYS.contains(&key.as_str()) {
             continue;
@@ -393,7 +396,8 @@ struct RawTraining {
     #[serde(skip_serializing_if = "Option::is_none")]
     warmup_ratio: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    warmup_steps: Option<usize>,
+    /// A step count, or (transformers ≥ 5) a float in (0, 1) meaning a ratio.
+    warmup_steps: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     lr_scheduler_type: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -439,10 +443,7 @@ struct RawConfig {
 
 /// Deserializes one section. serde_json does not say which field failed, so on error each
 /// key is retried alone (every raw field is optional) to find and name the culprit.
-fn de_section<T: DeserializeOwned>(
-    section: Option<&str>,
-    obj: &Map<String, Value>,
-) -> std::result::Result<T, String> {
+fn de_section<T: DeserializeOwned>(section: Option<&str>, obj: &Map<String, Value>) -> VResult<T> {
     match serde_json::from_value(Value::Object(obj.clone())) {
         Ok(v) => Ok(v),
         Err(e) => {
@@ -457,7 +458,7 @@ fn de_section<T: DeserializeOwned>(
     }
 }
 
-fn raw_from_tree(tree: &Map<String, Value>) -> std::result::Result<RawConfig, String> {
+fn raw_from_tree(tree: &Map<String, Value>) -> VResult<RawConfig> {
     let top: Map<String, Value> = tree
         .iter()
         .filter(|(k, _)| TOP_KEYS.contains(&k.as_str()))
@@ -501,7 +502,11 @@ impl fmt::Display for Device {
 
 impl Device {
     /// Parses "cpu", "cuda" (= "cuda:0") or "cuda:N".
-    pub fn parse(s: &str) -> std::result::Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self> {
+        Self::parse_str(s).map_err(|e| Error::Config(format!("device: {e}")))
+    }
+
+    fn parse_str(s: &str) -> VResult<Self> {
         match s {
             "cpu" => Ok(Device::Cpu),
             "cuda" => Ok(Device::Cuda(0)),
@@ -775,7 +780,7 @@ const OPTIMS: &[(&str, Optim)] = &[
     ("paged_adamw_32bit", Optim::AdamW),
 ];
 
-fn choose<T: Copy>(key: &str, value: &str, table: &[(&str, T)]) -> std::result::Result<T, String> {
+fn choose<T: Copy>(key: &str, value: &str, table: &[(&str, T)]) -> VResult<T> {
     if let Some((_, v)) = table.iter().find(|(s, _)| *s == value) {
         return Ok(*v);
     }
@@ -799,7 +804,7 @@ fn name_of<T: Copy + PartialEq>(v: T, table: &[(&'static str, T)]) -> &'static s
 }
 
 impl TeacherOutput {
-    fn parse(s: &str) -> std::result::Result<Self, String> {
+    fn parse(s: &str) -> VResult<Self> {
         match s {
             "hidden" => Ok(TeacherOutput::Hidden),
             "logits" => Ok(TeacherOutput::Logits),
@@ -830,11 +835,15 @@ impl fmt::Display for TeacherOutput {
 
 /// Parses a layer spec such as "0-13,24-29" (inclusive ranges and single indices) into
 /// sorted unique indices.
-pub fn parse_layer_spec(spec: &str) -> std::result::Result<Vec<usize>, String> {
+pub fn parse_layer_spec(spec: &str) -> Result<Vec<usize>> {
+    layer_spec_indices(spec).map_err(Error::Config)
+}
+
+fn layer_spec_indices(spec: &str) -> VResult<Vec<usize>> {
     let mut out = Vec::new();
     for item in spec.split(',') {
         let item = item.trim();
-        let num = |s: &str| -> std::result::Result<usize, String> {
+        let num = |s: &str| -> VResult<usize> {
             s.trim().parse::<usize>().map_err(|_| {
                 format!(
                     "bad range `{item}` in {spec:?}: `{}` is not a layer index",
@@ -886,8 +895,6 @@ pub fn format_layer_spec(layers: &[usize]) -> String {
 
 // ---------------------------------------------------------------------------------------
 // Validation: raw → typed.
-
-type VResult<T> = std::result::Result<T, String>;
 
 fn check(ok: bool, msg: impl FnOnce() -> String) -> VResult<()> {
     if ok {
@@ -948,7 +955,7 @@ fn validate(raw: RawConfig) -> VResult<TrainConfig> {
         top.output_dir
             .ok_or("`output_dir` is required (where checkpoints go)")?,
     )?;
-    let device = Device::parse(top.device.as_deref().unwrap_or("cpu"))
+    let device = Device::parse_str(top.device.as_deref().unwrap_or("cpu"))
         .map_err(|e| format!("`device`: {e}"))?;
 
     // [model]
@@ -970,9 +977,11 @@ fn validate(raw: RawConfig) -> VResult<TrainConfig> {
     let keep_layers = match model.keep_layers {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) => {
-            let l = parse_layer_spec(&s).map_err(|e| format!("`model.keep_layers`: {e}"))?;
+            let l = layer_spec_indices(&s).map_err(|e| format!("`model.keep_layers`: {e}"))?;
             Some(l)
         }
+        // A single index, as an override `model.keep_layers=5` parses.
+        Some(Value::Number(n)) if n.as_u64().is_some() => Some(vec![n.as_u64().unwrap_or(0) as usize]),
         Some(Value::Array(items)) => {
             let mut l = Vec::with_capacity(items.len());
             for it in &items {
@@ -1266,9 +1275,27 @@ fn validate(raw: RawConfig) -> VResult<TrainConfig> {
             "training.resume_from_checkpoint",
             s,
         )?))),
-        Some(other) => return Err(format!(
+        Some(other) => {
+            return Err(format!(
             "`training.resume_from_checkpoint` = {other} must be true, false or a checkpoint path"
-        )),
+        ))
+        }
+    };
+    // transformers 5 folded warmup_ratio into warmup_steps: a value in (0, 1) is a ratio.
+    let (warmup_ratio, warmup_steps) = match t.warmup_steps {
+        Some(w) if w > 0.0 && w < 1.0 => {
+            check(t.warmup_ratio.is_none(), || {
+                format!("`training.warmup_steps` = {w} is a ratio (< 1) and `training.warmup_ratio` is also set; give one")
+            })?;
+            (w, 0)
+        }
+        Some(w) => {
+            check(w >= 0.0 && w.fract() == 0.0 && w < 1e15, || {
+                format!("`training.warmup_steps` = {w} must be a step count, or a ratio in (0, 1)")
+            })?;
+            (t.warmup_ratio.unwrap_or(0.0), w as usize)
+        }
+        None => (t.warmup_ratio.unwrap_or(0.0), 0),
     };
     let training_section = TrainingSection {
         learning_rate: positive("training.learning_rate", t.learning_rate.unwrap_or(2e-4))?,
@@ -1282,14 +1309,8 @@ fn validate(raw: RawConfig) -> VResult<TrainConfig> {
         )?,
         num_train_epochs,
         max_steps,
-        warmup_ratio: in_range(
-            "training.warmup_ratio",
-            t.warmup_ratio.unwrap_or(0.0),
-            0.0,
-            1.0,
-            true,
-        )?,
-        warmup_steps: t.warmup_steps.unwrap_or(0),
+        warmup_ratio: in_range("training.warmup_ratio", warmup_ratio, 0.0, 1.0, true)?,
+        warmup_steps,
         lr_scheduler_type: choose(
             "training.lr_scheduler_type",
             t.lr_scheduler_type.as_deref().unwrap_or("linear"),
@@ -1355,7 +1376,7 @@ fn validate(raw: RawConfig) -> VResult<TrainConfig> {
 
 /// Finds the (section, key) an override names: `section.key`, a top-level key, or a bare
 /// key that exists in exactly one section.
-fn override_target(key: &str) -> std::result::Result<(Option<&'static str>, String), String> {
+fn override_target(key: &str) -> VResult<(Option<&'static str>, String)> {
     if let Some((section, k)) = key.split_once('.') {
         let Some((s, keys)) = SECTIONS.iter().find(|(s, _)| *s == section) else {
             if TOP_KEYS.contains(&section) {
@@ -1398,8 +1419,12 @@ fn override_target(key: &str) -> std::result::Result<(Option<&'static str>, Stri
 }
 
 /// A value on the command line: a TOML literal (`2e-4`, `true`, `["q_proj"]`,
-/// `"text"`), else the raw text as a string (`cosine`, `cuda:0`, `runs/x`).
-fn parse_override_value(key: &str, text: &str) -> std::result::Result<Value, String> {
+/// `"text"`), `null`, else the raw text as a string (`cosine`, `cuda:0`, `runs/x`).
+fn parse_override_value(key: &str, text: &str) -> VResult<Value> {
+    // TOML has no null; `null` unsets a key given in the file (back to its default).
+    if text == "null" {
+        return Ok(Value::Null);
+    }
     let doc = format!("v = {text}");
     match toml::from_str::<toml::Table>(&doc) {
         Ok(t) => match t.get("v").map(|v| toml_to_json(v, key)) {
@@ -1473,13 +1498,13 @@ fn child(path: &str, key: &str) -> String {
 
 /// A float as JSON. NaN and infinities have no JSON form (serde_json would turn them into
 /// null, i.e. "not set"), so they are rejected here with their key.
-fn json_float(f: f64, path: &str) -> std::result::Result<Value, String> {
+fn json_float(f: f64, path: &str) -> VResult<Value> {
     serde_json::Number::from_f64(f)
         .map(Value::Number)
         .ok_or_else(|| format!("`{path}` = {f} must be a finite number"))
 }
 
-fn toml_to_json(v: &toml::Value, path: &str) -> std::result::Result<Value, String> {
+fn toml_to_json(v: &toml::Value, path: &str) -> VResult<Value> {
     Ok(match v {
         toml::Value::String(s) => Value::String(s.clone()),
         toml::Value::Integer(i) => Value::from(*i),
@@ -1496,12 +1521,12 @@ fn toml_to_json(v: &toml::Value, path: &str) -> std::result::Result<Value, Strin
         toml::Value::Table(t) => Value::Object(
             t.iter()
                 .map(|(k, x)| Ok((k.clone(), toml_to_json(x, &child(path, k))?)))
-                .collect::<std::result::Result<_, String>>()?,
+                .collect::<VResult<_>>()?,
         ),
     })
 }
 
-fn yaml_to_json(v: &serde_yaml::Value, path: &str) -> std::result::Result<Value, String> {
+fn yaml_to_json(v: &serde_yaml::Value, path: &str) -> VResult<Value> {
     use serde_yaml::Value as Y;
     Ok(match v {
         Y::Null => Value::Null,
@@ -1672,7 +1697,7 @@ impl TrainConfig {
                 num_train_epochs: Some(tr.num_train_epochs),
                 max_steps: Some(tr.max_steps),
                 warmup_ratio: Some(tr.warmup_ratio),
-                warmup_steps: Some(tr.warmup_steps),
+                warmup_steps: Some(tr.warmup_steps as f64),
                 lr_scheduler_type: Some(name_of(tr.lr_scheduler_type, SCHEDULERS).to_string()),
                 weight_decay: Some(tr.weight_decay),
                 adam_beta1: Some(tr.adam_beta1),
@@ -1863,7 +1888,7 @@ fn cached_snapshot(id: &str, revision: Option<&str>, cache: &Path) -> Result<Pat
     let repo = cache.join(hub_folder(id));
     let not_cached = |what: String| {
         Error::Msg(format!(
-            "model {id:?} (revision {rev}) {what} in the HF cache at {}; HF_HUB_OFFLINE is set, so nothing can be downloaded",
+            "model {id:?} (revision {rev}) is no local file or dir, and {what} in the HF cache at {}; HF_HUB_OFFLINE is set, so nothing can be downloaded",
             cache.display()
         ))
     };
@@ -1872,18 +1897,18 @@ fn cached_snapshot(id: &str, revision: Option<&str>, cache: &Path) -> Result<Pat
         Ok(c) => c.trim().to_string(),
         // A revision given as a commit hash has no ref file, only its snapshot dir.
         Err(_) if repo.join("snapshots").join(rev).is_dir() => rev.to_string(),
-        Err(_) => return Err(not_cached("is not".into())),
+        Err(_) => return Err(not_cached("it is not".into())),
     };
     let snapshot = repo.join("snapshots").join(&commit);
     if !snapshot.is_dir() {
         return Err(not_cached(format!(
-            "has a ref to commit {commit} but no snapshot of it"
+            "it has a ref to commit {commit} but no snapshot of it"
         )));
     }
     let missing = missing_model_files(&snapshot)?;
     if !missing.is_empty() {
         return Err(not_cached(format!(
-            "is incomplete (missing {})",
+            "it is incomplete (missing {})",
             missing.join(", ")
         )));
     }
@@ -1896,7 +1921,9 @@ fn download_snapshot(id: &str, revision: Option<&str>, env: &HubEnv) -> Result<P
 
     let rev = revision.unwrap_or("main");
     let hub_err = |what: &str, e: hf_hub::api::sync::ApiError| {
-        Error::Msg(format!("hub model {id:?} (revision {rev}): {what}: {e}"))
+        Error::Msg(format!(
+            "hub model {id:?} (revision {rev}; no local file or dir of that name exists): {what}: {e}"
+        ))
     };
     let mut builder = ApiBuilder::from_cache(Cache::new(env.cache_dir.clone()));
     if let Some(ep) = &env.endpoint {
@@ -2236,6 +2263,7 @@ training:
             minimal_plus("teacher", "mode = \"model\""),
             minimal_plus("training", "resume_from_checkpoint = true"),
             minimal_plus("model", "keep_layers = \"3\""),
+            minimal_plus("model", "keep_layers = 3"),
         ];
         for text in &variants {
             let c = toml_cfg(text).unwrap();
@@ -2597,6 +2625,9 @@ training:
         let text = minimal_plus("lora", "r = 4");
         let c = parse(&text, ConfigFormat::Toml, "j.toml", &["lora.r=32".into()]).unwrap();
         assert_eq!(c.lora.r, 32);
+        // `null` takes a key of the file back to its default.
+        let c = parse(&text, ConfigFormat::Toml, "j.toml", &["lora.r=null".into()]).unwrap();
+        assert_eq!(c.lora.r, 16);
     }
 
     #[test]
@@ -2661,13 +2692,13 @@ training:
 
     #[test]
     fn layer_spec_errors_name_the_bad_range() {
-        let e = parse_layer_spec("0-13,13-0").unwrap_err();
+        let e = parse_layer_spec("0-13,13-0").unwrap_err().to_string();
         assert!(e.contains("`13-0`"), "{e}");
-        let e = parse_layer_spec("0-13,a-3").unwrap_err();
+        let e = parse_layer_spec("0-13,a-3").unwrap_err().to_string();
         assert!(e.contains("`a-3`"), "{e}");
-        let e = parse_layer_spec("0-3,,5").unwrap_err();
+        let e = parse_layer_spec("0-3,,5").unwrap_err().to_string();
         assert!(e.contains("empty"), "{e}");
-        let e = parse_layer_spec("1-2-3").unwrap_err();
+        let e = parse_layer_spec("1-2-3").unwrap_err().to_string();
         assert!(e.contains("`1-2-3`"), "{e}");
     }
 
@@ -2678,6 +2709,82 @@ training:
             let spec = format_layer_spec(&v);
             proptest::prop_assert_eq!(parse_layer_spec(&spec).unwrap(), v);
         }
+    }
+
+    /// Field names and defaults of HF TrainingArguments, PEFT LoraConfig and
+    /// BitsAndBytesConfig, dumped from the real classes by make_fixtures.py.
+    fn hf_names() -> Value {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/peft/hf_names.json");
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn key_names_are_hf_and_peft_names() {
+        let hf = hf_names();
+        let ta = hf["TrainingArguments"].as_object().unwrap();
+        // Names of transformers 4.x that 5.x folded into others (warmup_ratio into
+        // warmup_steps, group_by_length into train_sampling_strategy); still the names most
+        // configs use.
+        let hf4_only = ["warmup_ratio"];
+        for k in section_keys("training").unwrap() {
+            assert!(
+                ta.contains_key(*k) || hf4_only.contains(k),
+                "training.{k} is not a TrainingArguments field"
+            );
+        }
+        for k in ["output_dir", "seed"] {
+            assert!(ta.contains_key(k), "{k}");
+        }
+        let lc = hf["LoraConfig"].as_object().unwrap();
+        for k in section_keys("lora").unwrap() {
+            assert!(lc.contains_key(*k), "lora.{k} is not a LoraConfig field");
+        }
+        let bnb = hf["BitsAndBytesConfig"].as_object().unwrap();
+        for k in ["bnb_4bit_use_double_quant", "bnb_4bit_quant_type"] {
+            assert!(bnb.contains_key(k), "{k}");
+        }
+    }
+
+    #[test]
+    fn defaults_that_follow_hf_equal_hf() {
+        // The rest (learning_rate, batch size, epochs, logging/save steps, LoRA r/alpha/
+        // dropout, NF4) are deliberate QLoRA-recipe defaults that differ from HF's.
+        let hf = hf_names();
+        let ta = &hf["TrainingArguments"];
+        let c = toml_cfg(MINIMAL).unwrap();
+        let t = &c.training;
+        assert_eq!(
+            ta["gradient_accumulation_steps"],
+            t.gradient_accumulation_steps
+        );
+        assert_eq!(ta["max_steps"], t.max_steps);
+        assert_eq!(ta["warmup_steps"].as_f64().unwrap(), t.warmup_steps as f64);
+        assert_eq!(
+            ta["lr_scheduler_type"],
+            name_of(t.lr_scheduler_type, SCHEDULERS)
+        );
+        assert_eq!(ta["weight_decay"], t.weight_decay);
+        assert_eq!(ta["adam_beta1"], t.adam_beta1);
+        assert_eq!(ta["adam_beta2"], t.adam_beta2);
+        assert_eq!(ta["adam_epsilon"], t.adam_epsilon);
+        assert_eq!(ta["max_grad_norm"], t.max_grad_norm);
+        assert_eq!(ta["save_total_limit"], Value::Null);
+        assert_eq!(ta["eval_steps"], Value::Null);
+        assert_eq!(ta["resume_from_checkpoint"], Value::Null);
+        assert_eq!(ta["seed"], c.seed);
+        let lc = &hf["LoraConfig"];
+        assert_eq!(lc["use_rslora"], c.lora.use_rslora);
+        assert_eq!(lc["bias"], "none");
+    }
+
+    #[test]
+    fn yaml_exponent_floats_are_numbers() {
+        let y = "output_dir: o\nmodel: {model_name_or_path: m}\ndata: {train_file: t}\ntraining: {learning_rate: 1e-4, adam_epsilon: 1.0e-6}\n";
+        let c = parse(y, ConfigFormat::Yaml, "job.yaml", &[]).unwrap();
+        assert_eq!(
+            (c.training.learning_rate, c.training.adam_epsilon),
+            (1e-4, 1e-6)
+        );
     }
 
     #[test]
@@ -2699,6 +2806,17 @@ training:
         assert_eq!(t.num_warmup_steps(25), 3);
         t.warmup_steps = 7;
         assert_eq!(t.num_warmup_steps(25), 7);
+        // transformers 5 spelling: warmup_steps < 1 is a ratio.
+        let c = toml_cfg(&minimal_plus("training", "warmup_steps = 0.1")).unwrap();
+        assert_eq!((c.training.warmup_ratio, c.training.warmup_steps), (0.1, 0));
+        assert_eq!(c.training.num_warmup_steps(25), 3);
+        let e = err_of(toml_cfg(&minimal_plus(
+            "training",
+            "warmup_steps = 0.1\nwarmup_ratio = 0.2",
+        )));
+        assert!(e.contains("`training.warmup_ratio`"), "{e}");
+        let e = err_of(toml_cfg(&minimal_plus("training", "warmup_steps = 2.5")));
+        assert!(e.contains("`training.warmup_steps`"), "{e}");
     }
 
     #[test]

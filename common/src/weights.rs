@@ -201,6 +201,28 @@ impl WeightStore {
         }
     }
 
+    /// A tensor in its stored dtype (safetensors only): bitsandbytes 4-bit weights are
+    /// `u8` codes with `u8`/`f32` side tensors that must not be converted.
+    pub fn get_native(&self, name: &str) -> Result<Tensor> {
+        let raw = self.get_raw(name)?;
+        let dtype = match raw.dtype {
+            safetensors::Dtype::U8 => DType::U8,
+            safetensors::Dtype::U32 => DType::U32,
+            safetensors::Dtype::I64 => DType::I64,
+            safetensors::Dtype::F32 => DType::F32,
+            safetensors::Dtype::F16 => DType::F16,
+            safetensors::Dtype::BF16 => DType::BF16,
+            safetensors::Dtype::F64 => DType::F64,
+            other => return Err(Error::format(&self.path, format!("tensor `{name}` has unsupported dtype {other:?}"))),
+        };
+        Ok(Tensor::from_raw_buffer(&raw.data, dtype, &raw.shape, &Device::Cpu)?)
+    }
+
+    /// True when `weight_name` is stored pre-quantized by bitsandbytes (4-bit).
+    pub fn is_bnb_4bit(&self, weight_name: &str) -> bool {
+        self.contains(&format!("{weight_name}.quant_state.bitsandbytes__nf4"))
+    }
+
     /// A tensor exactly as stored (safetensors only), for bitsandbytes 4-bit weights and
     /// their side tensors.
     pub fn get_raw(&self, name: &str) -> Result<RawTensor> {

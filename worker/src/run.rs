@@ -11,10 +11,10 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Device};
 use indicatif::{ProgressBar, ProgressStyle};
 use qdistill_common::checkpoint::{save_adapter, write_dir_atomically, AdapterConfig};
-use qdistill_common::config::{self, ComputeDtype, DistillLoss, Quantization, TeacherMode, TrainConfig};
+use qdistill_common::config::{self, ComputeDtype, DistillLoss, LrSchedulerType, Quantization, TeacherMode, TrainConfig};
 use qdistill_common::lora::{LoraGrads, LoraParams, LoraSpec};
 use qdistill_common::loss::{KdLoss, LossConfig};
-use qdistill_common::optim::{lr_at, AdamW};
+use qdistill_common::optim::{lr_at, AdamW, AdamWConfig, SchedulerType};
 use qdistill_common::tokenizer::check_same_tokenizer;
 
 use crate::data_plan::{self, DataPlan};
@@ -61,6 +61,15 @@ fn dtype_of(d: ComputeDtype) -> DType {
     match d {
         ComputeDtype::F32 => DType::F32,
         ComputeDtype::BF16 => DType::BF16,
+    }
+}
+
+fn scheduler(k: LrSchedulerType) -> SchedulerType {
+    match k {
+        LrSchedulerType::Linear => SchedulerType::Linear,
+        LrSchedulerType::Cosine => SchedulerType::Cosine,
+        LrSchedulerType::Constant => SchedulerType::Constant,
+        LrSchedulerType::ConstantWithWarmup => SchedulerType::ConstantWithWarmup,
     }
 }
 
@@ -124,7 +133,10 @@ pub fn prepare(cfg: &TrainConfig) -> anyhow::Result<Prepared> {
         loss.kd_weight = 0.0;
     }
     let t = &cfg.training;
-    let opt = AdamW::new(params.len(), t.adam_beta1, t.adam_beta2, t.adam_epsilon, t.weight_decay);
+    let opt = AdamW::new(
+        params.len(),
+        AdamWConfig { beta1: t.adam_beta1, beta2: t.adam_beta2, eps: t.adam_epsilon, weight_decay: t.weight_decay },
+    );
     let grads = LoraGrads::zeros(&params);
     Ok(Prepared {
         student: Student { model: student.model, params, grads, opt, loss, checkpointing: t.gradient_checkpointing },
@@ -139,7 +151,7 @@ pub fn train(config_path: &Path, overrides: &[String], progress: bool) -> anyhow
     let cfg = config::load(config_path, overrides)?;
     let Prepared { mut student, teacher, data, device } = prepare(&cfg)?;
     let t = &cfg.training;
-    let total_steps = data.total_steps(t.max_steps, t.num_train_epochs, t.gradient_accumulation_steps);
+    let total_steps = data.total_steps(t.max_steps, t.num_train_epochs, t.gradient_accumulation_steps)?;
     if total_steps == 0 {
         bail!("the data gives no optimizer step (check train_file, max_samples and batch sizes)");
     }
@@ -161,7 +173,8 @@ pub fn train(config_path: &Path, overrides: &[String], progress: bool) -> anyhow
         ProgressStyle::with_template("{spinner} [{elapsed_precise}<{eta_precise}] {bar:30} {pos}/{len} steps · {msg}")
             .expect("static template"),
     );
-    let mut stream = data.train_stream(cfg.seed);
+    let mut stream = data.train_stream()?;
+    let n_train = data.train.len() as f64;
     let mut thr = Throughput::new();
     let started = Instant::now();
     let mut last_loss = f64::NAN;
@@ -177,8 +190,8 @@ pub fn train(config_path: &Path, overrides: &[String], progress: bool) -> anyhow
             let s = student.micro_step(b, &teacher, h_t.as_ref(), 1.0 / n_target.max(1) as f64, dropout_seed(cfg.seed, step as u64, k as u64))?;
             sums.add(&s);
         }
-        let lr = lr_at(t.lr_scheduler_type.into(), t.learning_rate, step, warmup, total_steps);
-        let grad_norm = student.optimizer_step(lr, t.max_grad_norm);
+        let lr = lr_at(scheduler(t.lr_scheduler_type), t.learning_rate, step as u64, warmup as u64, total_steps as u64);
+        let grad_norm = student.optimizer_step(lr, t.max_grad_norm)?;
         let kd_term = student.loss.kd_weight * student.loss.temperature.powi(2) * sums.kd_mean();
         last_loss = student.loss.ce_weight * sums.ce_mean() + kd_term;
         tokens += sums.tokens;
@@ -186,7 +199,7 @@ pub fn train(config_path: &Path, overrides: &[String], progress: bool) -> anyhow
         let rec = serde_json::json!({
             "step": step + 1, "loss": last_loss, "ce": sums.ce_mean(), "kd": sums.kd_mean(),
             "lr": lr, "grad_norm": grad_norm, "tokens_per_sec": thr.tokens_per_sec(),
-            "epoch": stream.epoch_progress(),
+            "epoch": stream.cursor().epoch as f64 + stream.cursor().index as f64 / n_train,
         });
         writeln!(metrics, "{rec}").with_context(|| format!("writing {}", metrics_path.display()))?;
         bar.set_message(format!("loss {last_loss:.3} · ce {:.3} · kl {:.3} · {:.0} tok/s", sums.ce_mean(), sums.kd_mean(), thr.tokens_per_sec()));
@@ -200,7 +213,7 @@ pub fn train(config_path: &Path, overrides: &[String], progress: bool) -> anyhow
 
     let eval_after = if eval_batches.is_empty() { None } else { Some(student.evaluate(&eval_batches, &teacher)?) };
     let out = cfg.output_dir.join("final_model");
-    let adapter_cfg = AdapterConfig::from_lora(&cfg.model.model_name_or_path, &cfg.lora);
+    let adapter_cfg = AdapterConfig::new(Some(cfg.model.model_name_or_path.clone()), &cfg.lora);
     let tensors = student.params.peft_tensors()?;
     let resolved = cfg.to_toml_string()?;
     write_dir_atomically(&out, |dir| {

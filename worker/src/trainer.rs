@@ -17,7 +17,7 @@ use qdistill_common::lora::{LoraGrads, LoraParams};
 use qdistill_common::loss::{fused_linear_distill, KdLoss, LossConfig, TeacherOutput};
 use qdistill_common::model::decoder::StepCtx;
 use qdistill_common::model::Model;
-use qdistill_common::optim::{clip_grad_norm, AdamW};
+use qdistill_common::optim::{clip_grad_norm, grad_norm, AdamW};
 use qdistill_common::Result;
 
 /// Where the teacher's outputs come from.
@@ -136,16 +136,17 @@ impl Student {
         Ok(LossSums { ce: out.ce_sum, kd: out.kd_sum, tokens: out.n_tokens })
     }
 
-    /// Clip, step, zero. Returns the pre-clip gradient norm.
-    pub fn optimizer_step(&mut self, lr: f64, max_grad_norm: f64) -> f64 {
-        let norm = if max_grad_norm > 0.0 {
-            clip_grad_norm(&mut self.grads.flat, max_grad_norm)
+    /// Clip, step, zero. Returns the pre-clip gradient norm. A non-finite norm skips the
+    /// update (as HF's AMP path does) rather than writing NaNs into the adapters.
+    pub fn optimizer_step(&mut self, lr: f64, max_grad_norm: f64) -> Result<f64> {
+        let norm = if max_grad_norm > 0.0 { clip_grad_norm(&mut self.grads.flat, max_grad_norm) } else { grad_norm(&self.grads.flat) };
+        if norm.is_finite() {
+            self.opt.step(&mut self.params.values, &self.grads.flat, lr)?;
         } else {
-            self.grads.flat.iter().map(|g| (*g as f64) * (*g as f64)).sum::<f64>().sqrt()
-        };
-        self.opt.step(&mut self.params.values, &self.grads.flat, lr);
+            tracing::warn!(norm, "non-finite gradient norm: optimizer step skipped");
+        }
         self.grads.zero();
-        norm
+        Ok(norm)
     }
 
     /// CE and KL(teacher ‖ student) at T = 1 over `batches`, adapters on; the metric the

@@ -143,12 +143,26 @@ impl Model {
             for short in LINEARS {
                 let (inf, outf) = cfg.linear_shape(short).expect("known linear");
                 let name = format!("{}.weight", module_path(i, short));
-                let w = store.get(&name, &[outf, inf], dev)?;
-                let weight = if opts.nf4 {
-                    let v = w.flatten_all()?.to_vec1::<f32>()?;
-                    BaseWeight::Nf4(Nf4Tensor::quantize(&v, outf, inf, opts.double_quant)?)
+                let weight = if store.is_bnb_4bit(&name) {
+                    // A pre-quantized bitsandbytes checkpoint: keep its exact codes.
+                    let q = Nf4Tensor::from_bnb_tensors(store.path(), &name, |n| store.get_native(n).ok())?;
+                    if (q.rows, q.cols) != (outf, inf) {
+                        return Err(Error::Shape {
+                            path: store.path().to_path_buf(),
+                            name,
+                            expected: vec![outf, inf],
+                            got: vec![q.rows, q.cols],
+                        });
+                    }
+                    if opts.nf4 { BaseWeight::Nf4(q) } else { BaseWeight::Dense(q.to_tensor(dev)?.to_dtype(dt)?) }
                 } else {
-                    BaseWeight::Dense(w.to_dtype(dt)?)
+                    let w = store.get(&name, &[outf, inf], dev)?;
+                    if opts.nf4 {
+                        let v = w.flatten_all()?.to_vec1::<f32>()?;
+                        BaseWeight::Nf4(Nf4Tensor::quantize(&v, outf, inf, opts.double_quant)?)
+                    } else {
+                        BaseWeight::Dense(w.to_dtype(dt)?)
+                    }
                 };
                 let has_bias = match short {
                     "q_proj" | "k_proj" | "v_proj" => cfg.attention_bias,

@@ -10,6 +10,9 @@
 //! `[B, Hkv, group * T, D]` lines every query row up with its kv head, and one batched
 //! matmul per kv head covers the whole group. The same view sums dk/dv over the group for
 //! free.
+//!
+//! This is the reference path: it materialises the `T × T` scores of every head (forward
+//! and backward), which the fused CUDA kernel avoids.
 
 use candle_core::{DType, Device, Tensor, D};
 
@@ -22,7 +25,8 @@ pub struct AttnConfig {
     pub head_dim: usize,
     /// Multiplies `q·k` (usually `head_dim^-0.5`; Gemma uses `query_pre_attn_scalar^-0.5`).
     pub scale: f64,
-    /// HF semantics: query `i` sees key `j` iff `i - window < j <= i`.
+    /// Query `i` sees key `j` iff `i - window < j <= i` (transformers'
+    /// `sliding_window_overlay`: `kv_idx > q_idx - sliding_window`).
     pub sliding_window: Option<usize>,
     /// Gemma 2 `attn_logit_softcapping`: scores become `cap * tanh(scores / cap)` before
     /// masking.
@@ -60,7 +64,7 @@ fn check(
     cfg: &AttnConfig,
     segment_ids: Option<&Tensor>,
 ) -> Result<Dims> {
-    if cfg.n_heads == 0 || cfg.n_kv_heads == 0 || cfg.n_heads % cfg.n_kv_heads != 0 {
+    if cfg.n_heads == 0 || cfg.n_kv_heads == 0 || !cfg.n_heads.is_multiple_of(cfg.n_kv_heads) {
         return Err(Error::Config(format!(
             "attention: {} query heads cannot be grouped over {} kv heads",
             cfg.n_heads, cfg.n_kv_heads

