@@ -120,6 +120,9 @@ struct Shared {
     told_stop: Mutex<HashSet<String>>,
     save_total_limit: Option<usize>,
     output_dir: PathBuf,
+    /// Two students may upload the same step (a save point and a shutdown); publishing
+    /// one at a time keeps the replace-by-rename of the store simple.
+    publish: Mutex<()>,
 }
 
 impl Shared {
@@ -133,10 +136,19 @@ impl Shared {
     }
 }
 
+/// Metadata key on refusals that says which kind of refusal it is, so a worker can tell
+/// "the job is over, exit cleanly" from a real error without reading the message.
+pub const REFUSAL_METADATA_KEY: &str = "x-qdistill-refusal";
+
 fn refusal(r: Refusal) -> Status {
     let msg = r.to_string();
     match r {
-        Refusal::ProtocolVersion { .. } | Refusal::JobOver(_) => Status::failed_precondition(msg),
+        Refusal::JobOver(_) => {
+            let mut md = tonic::metadata::MetadataMap::new();
+            md.insert(REFUSAL_METADATA_KEY, tonic::metadata::MetadataValue::from_static("job-over"));
+            Status::with_metadata(tonic::Code::FailedPrecondition, msg, md)
+        }
+        Refusal::ProtocolVersion { .. } => Status::failed_precondition(msg),
         Refusal::UnknownSession(_) => Status::not_found(msg),
         Refusal::StaleGeneration { .. } => Status::aborted(msg),
         Refusal::Invalid(_) => Status::invalid_argument(msg),
@@ -293,13 +305,17 @@ impl Coordinator for CoordinatorService {
         let ledger_bytes = serde_json::to_vec_pretty(&ledger).map_err(|e| Status::internal(e.to_string()))?;
         writer.write(LEDGER_FILE, 0, &ledger_bytes).map_err(store_error)?;
         expected.push(FileDigest::of(LEDGER_FILE, &ledger_bytes));
-        let bytes = writer.commit(&expected).map_err(store_error)?;
         let total = self.shared.job().spec().total_steps;
-        if step == total {
-            self.shared.store.finalize(step).map_err(store_error)?;
-            self.write_job_ledger().map_err(|e| Status::internal(e.to_string()))?;
-        }
-        self.prune(step);
+        let bytes = {
+            let _one_at_a_time = self.shared.publish.lock().unwrap_or_else(|p| p.into_inner());
+            let bytes = writer.commit(&expected).map_err(store_error)?;
+            if step == total {
+                self.shared.store.finalize(step).map_err(store_error)?;
+                self.write_job_ledger().map_err(|e| Status::internal(e.to_string()))?;
+            }
+            self.prune(step);
+            bytes
+        };
         {
             let mut job = self.shared.job();
             job.checkpoint_stored(step);
@@ -535,6 +551,7 @@ pub async fn start(cfg: &TrainConfig, total_steps: u64, listener: tokio::net::Tc
         told_stop: Mutex::new(HashSet::new()),
         save_total_limit: cfg.training.save_total_limit,
         output_dir: cfg.output_dir.clone(),
+        publish: Mutex::new(()),
     });
     let addr = listener.local_addr().map_err(|e| CoordError::Io { what: "listening socket".into(), source: e })?;
     let svc = CoordinatorServer::with_interceptor(CoordinatorService { shared: shared.clone() }, TokenCheck { token: Arc::new(opts.token.into_bytes()) });

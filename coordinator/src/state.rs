@@ -545,12 +545,14 @@ impl Job {
         Ok(CommitAck { committed: step < self.committed_steps, checkpoint_requested })
     }
 
-    /// Checks that `id` may upload checkpoint-<step>.
+    /// Checks that `id` may upload checkpoint-<step>. Student rank 0 uploads the save
+    /// points; any student may upload when it is told to shut down, since after an
+    /// optimizer step every student holds the same state.
     pub fn begin_checkpoint(&mut self, id: &str, generation: u64, step: u64, now_ms: u64) -> Result<(), Refusal> {
         self.expire(now_ms);
         let a = self.member(id, generation)?;
-        if a.role != Role::Student || a.role_rank != 0 {
-            return Err(Refusal::Invalid(format!("rank {} may not upload checkpoints; student rank 0 does", a.rank)));
+        if a.role != Role::Student {
+            return Err(Refusal::Invalid(format!("rank {} is a teacher; students upload checkpoints", a.rank)));
         }
         if step == 0 || step > self.spec.total_steps {
             return Err(Refusal::Invalid(format!("checkpoint-{step} is outside 1..={}", self.spec.total_steps)));
@@ -741,9 +743,10 @@ mod tests {
         assert!(e.to_string().contains("the plan gives it [8, 9]"), "{e}");
         assert!(matches!(job.step_commit(&ids[1], 1, 2, record(&asg[0], 2), 40), Err(Refusal::Invalid(_))));
         assert!(matches!(job.step_commit(s0, 7, 2, record(&asg[0], 2), 40), Err(Refusal::StaleGeneration { got: 7, current: 1 })));
-        // Only student rank 0 uploads.
+        // Students upload, teachers do not.
         assert!(job.begin_checkpoint(s0, 1, 2, 40).is_ok());
-        assert!(job.begin_checkpoint(s1, 1, 2, 40).is_err());
+        assert!(job.begin_checkpoint(s1, 1, 2, 40).is_ok());
+        assert!(job.begin_checkpoint(&ids[1], 1, 2, 40).is_err());
         assert!(job.begin_checkpoint(s0, 1, 0, 40).is_err());
         assert_eq!(job.ledger_before(3), None, "step 2 is not committed yet");
         let l = job.ledger_before(2).unwrap();
