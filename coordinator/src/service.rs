@@ -25,6 +25,8 @@ use crate::CoordError;
 
 /// Name of the ledger file the coordinator adds to every checkpoint.
 pub const LEDGER_FILE: &str = "qdistill_ledger.json";
+/// How long a stopping coordinator waits for open connections to close.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// Bytes per chunk of a checkpoint stream (well under gRPC's 4 MiB message limit).
 pub const CHUNK_BYTES: usize = 1 << 20;
 
@@ -583,18 +585,31 @@ pub async fn start(cfg: &TrainConfig, total_steps: u64, listener: tokio::net::Tc
                 }
             }
         };
-        let signal = async {
+        let (fired_tx, fired_rx) = oneshot::channel::<()>();
+        let signal = async move {
             tokio::select! {
                 _ = done => {}
                 _ = stop_rx => {}
             }
+            let _ = fired_tx.send(());
         };
-        tonic::transport::Server::builder()
+        let server = tonic::transport::Server::builder()
             .add_service(health)
             .add_service(svc)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
-            .await
-            .map_err(|e| CoordError::Transport(e.to_string()))?;
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+        // A graceful shutdown waits for every connection to close; a hung worker never
+        // closes its own, so after a grace period the rest are dropped.
+        let grace = async {
+            if fired_rx.await.is_ok() {
+                tokio::time::sleep(SHUTDOWN_GRACE).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            r = server => r.map_err(|e| CoordError::Transport(e.to_string()))?,
+            _ = grace => tracing::warn!("connections still open {SHUTDOWN_GRACE:?} after shutdown began; closing them"),
+        }
         let job = shared.job();
         Ok(Outcome { phase: job.phase().clone(), committed_steps: job.committed_steps(), generation: job.generation(), output_dir: shared.output_dir.clone() })
     });

@@ -60,19 +60,28 @@ pub(crate) fn run(ctx: &RoleCtx, a: &Assignment, cfg: &TrainConfig) -> Result<Ro
         .collect();
     let served: BTreeSet<usize> = mine.iter().map(|&(_, s)| s).collect();
     let lookahead = ctx.opts.teacher_lookahead_steps.max(1);
-
-    for step in a.start_step..a.total_steps {
-        ctx.check()?;
-        if ctx.terminating() {
-            return Ok(RoleEnd::Terminated);
-        }
-        if step >= a.start_step + lookahead {
+    // One credit per student per finished step.
+    let take_credits = |n: u64| -> Result<(), RoleError> {
+        for _ in 0..n {
             for &s in &served {
                 let credit = mesh.recv(s).map_err(RoleError::lost)?;
                 if credit != super::student::CREDIT {
                     return Err(RoleError::Lost(format!("student rank {s} sent {} bytes where a step credit was due", credit.len())));
                 }
             }
+        }
+        Ok(())
+    };
+
+    let mut credited = a.start_step;
+    for step in a.start_step..a.total_steps {
+        ctx.check()?;
+        if ctx.terminating() {
+            return Ok(RoleEnd::Terminated);
+        }
+        if step >= credited + lookahead {
+            take_credits(1)?;
+            credited += 1;
         }
         let batches: Vec<_> = (0..g).map(|_| stream.next_batch()).collect();
         for &(k, to) in &mine {
@@ -82,5 +91,8 @@ pub(crate) fn run(ctx: &RoleCtx, a: &Assignment, cfg: &TrainConfig) -> Result<Ro
         }
         ctx.session.shared.step.store(step + 1, Ordering::SeqCst);
     }
+    // Stay connected until every student finished its last step: closing earlier would
+    // break the connections they still send their credits on.
+    take_credits(a.total_steps - credited)?;
     Ok(RoleEnd::Finished)
 }
