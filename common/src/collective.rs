@@ -155,6 +155,8 @@ fn gather_barrier(c: &(impl Collective + ?Sized)) -> Result<()> {
 // ---------------------------------------------------------------------------------------
 // In-process.
 
+type Inbox = Mutex<Receiver<Vec<u8>>>;
+
 /// One rank of a group of threads in one process.
 pub struct LocalCollective {
     rank: usize,
@@ -162,13 +164,13 @@ pub struct LocalCollective {
     /// `to[j]` delivers to rank j's inbox from this rank.
     to: Vec<Option<Sender<Vec<u8>>>>,
     /// `from[j]` holds what rank j sent to this rank.
-    from: Vec<Option<Mutex<Receiver<Vec<u8>>>>>,
+    from: Vec<Option<Inbox>>,
 }
 
 /// A group of `world` ranks; hand one to each thread.
 pub fn local_group(world: usize) -> Vec<LocalCollective> {
     let mut senders: Vec<Vec<Option<Sender<Vec<u8>>>>> = (0..world).map(|_| (0..world).map(|_| None).collect()).collect();
-    let mut receivers: Vec<Vec<Option<Mutex<Receiver<Vec<u8>>>>>> = (0..world).map(|_| (0..world).map(|_| None).collect()).collect();
+    let mut receivers: Vec<Vec<Option<Inbox>>> = (0..world).map(|_| (0..world).map(|_| None).collect()).collect();
     for i in 0..world {
         for j in 0..world {
             if i != j {

@@ -177,6 +177,9 @@ pub fn format_status(s: &pb::JobStatusResponse) -> String {
         s.last_checkpoint_step.map_or("none".to_string(), |c| format!("checkpoint-{c}")),
         s.message
     );
+    for (g, why) in s.ended_generations.iter().enumerate() {
+        out.push_str(&format!("  generation {} ended: {why}\n", g + 1));
+    }
     for w in &s.workers {
         let role = pb::Role::try_from(w.role).map_or("?", |r| r.as_str_name()).trim_start_matches("ROLE_").to_lowercase();
         let role = if role == "unspecified" { "waiting".to_string() } else { format!("{role} rank {}", w.rank) };

@@ -214,6 +214,7 @@ pub fn status(s: Status) -> pb::JobStatusResponse {
             Phase::Failed(why) => why.clone(),
             _ => s.message,
         },
+        ended_generations: s.ended_generations,
     }
 }
 

@@ -246,7 +246,7 @@ mod tests {
                         let mut last_shard = None;
                         for r in 0..s {
                             for (shard, micros) in p.shards_of(r) {
-                                assert!(last_shard.map_or(true, |l| shard == l + 1), "g{g} v{v} s{s}: shards out of order");
+                                assert!(last_shard.is_none_or(|l| shard == l + 1), "g{g} v{v} s{s}: shards out of order");
                                 last_shard = Some(shard);
                                 for k in micros {
                                     seen[k] += 1;

@@ -463,6 +463,8 @@ pub struct Outcome {
     pub committed_steps: u64,
     pub generation: u64,
     pub output_dir: PathBuf,
+    /// Why each earlier generation ended, oldest first.
+    pub ended_generations: Vec<String>,
 }
 
 /// A coordinator serving in the background of a tokio runtime.
@@ -611,7 +613,14 @@ pub async fn start(cfg: &TrainConfig, total_steps: u64, listener: tokio::net::Tc
             _ = grace => tracing::warn!("connections still open {SHUTDOWN_GRACE:?} after shutdown began; closing them"),
         }
         let job = shared.job();
-        Ok(Outcome { phase: job.phase().clone(), committed_steps: job.committed_steps(), generation: job.generation(), output_dir: shared.output_dir.clone() })
+        let st = job.status(shared.now());
+        Ok(Outcome {
+            phase: st.phase,
+            committed_steps: st.committed_steps,
+            generation: st.generation,
+            output_dir: shared.output_dir.clone(),
+            ended_generations: st.ended_generations,
+        })
     });
     tracing::info!(%addr, "coordinator listening");
     Ok(RunningCoordinator { addr, shutdown: Some(stop_tx), task })

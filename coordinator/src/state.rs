@@ -192,6 +192,8 @@ pub struct Status {
     pub last_checkpoint: Option<u64>,
     pub workers: Vec<WorkerRow>,
     pub message: String,
+    /// Why each earlier generation ended, oldest first.
+    pub ended_generations: Vec<String>,
 }
 
 pub struct Job {
@@ -212,6 +214,7 @@ pub struct Job {
     /// effect was discarded and they were trained again.
     rolled_back: Vec<LedgerStep>,
     message: String,
+    ended_generations: Vec<String>,
 }
 
 impl Job {
@@ -236,6 +239,7 @@ impl Job {
             checkpoints,
             ledger,
             rolled_back: Vec::new(),
+            ended_generations: Vec::new(),
         };
         job.check_done();
         job
@@ -278,7 +282,7 @@ impl Job {
 
     /// Whether checkpoint-<n> (n optimizer steps done) is one the job keeps.
     pub fn is_save_point(&self, n: u64) -> bool {
-        n == self.spec.total_steps || (self.spec.save_steps > 0 && n % self.spec.save_steps == 0)
+        n == self.spec.total_steps || (self.spec.save_steps > 0 && n.is_multiple_of(self.spec.save_steps))
     }
 
     pub fn register(&mut self, reg: Registration, now_ms: u64) -> Result<Registered, Refusal> {
@@ -349,6 +353,7 @@ impl Job {
 
     fn end_generation(&mut self, why: &str, now_ms: u64) {
         tracing::warn!(generation = self.generation, "{why}");
+        self.ended_generations.push(why.to_string());
         for id in std::mem::take(&mut self.members).into_keys() {
             self.sessions.remove(&id);
         }
@@ -610,6 +615,7 @@ impl Job {
             last_checkpoint: self.checkpoints.iter().next_back().copied(),
             workers,
             message: self.message.clone(),
+            ended_generations: self.ended_generations.clone(),
         }
     }
 }
@@ -800,6 +806,8 @@ mod tests {
         assert!(matches!(job.get_work(&ids[1], 1100), Err(Refusal::UnknownSession(_))));
         let st = job.status(1100);
         assert!(st.message.contains("missed its lease") && st.message.contains("resuming from step 2"), "{}", st.message);
+        assert_eq!(st.ended_generations.len(), 1);
+        assert!(st.ended_generations[0].contains("missed its lease"));
 
         // Two survivors come back; after the grace the job goes on with one student that
         // holds both shards, from checkpoint-2.
