@@ -128,8 +128,10 @@ logging_steps = 1
     cfg
 }
 
-fn load_config(path: &Path, out: &Path) -> TrainConfig {
-    config::load(path, &[format!("output_dir={}", out.display())]).unwrap()
+fn load_config(path: &Path, overrides: &[String], out: &Path) -> TrainConfig {
+    let mut o = overrides.to_vec();
+    o.push(format!("output_dir={}", out.display()));
+    config::load(path, &o).unwrap()
 }
 
 fn scheduler(k: LrSchedulerType) -> SchedulerType {
@@ -181,23 +183,38 @@ fn virtual_shard_reference(cfg: &TrainConfig, total: u64) -> (Adapter, Vec<Vec<u
 struct Job {
     _dir: tempfile::TempDir,
     config: PathBuf,
+    overrides: Vec<String>,
     total: u64,
     reference: Adapter,
     samples: Vec<Vec<u64>>,
 }
 
-/// One job directory and its reference, shared by the tests.
-fn job() -> &'static Job {
-    static JOB: OnceLock<Job> = OnceLock::new();
-    JOB.get_or_init(|| {
+impl Job {
+    fn new(overrides: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let config = write_job(dir.path());
-        let cfg = load_config(&config, &dir.path().join("unused"));
+        let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+        let cfg = load_config(&config, &overrides, &dir.path().join("unused"));
         let total = qdistill_worker::cluster::total_steps(&cfg).unwrap();
         assert_eq!(total, 6);
         let (reference, samples) = virtual_shard_reference(&cfg, total);
-        Job { _dir: dir, config, total, reference, samples }
-    })
+        Job { _dir: dir, config, overrides, total, reference, samples }
+    }
+    fn config(&self, out: &Path) -> TrainConfig {
+        load_config(&self.config, &self.overrides, out)
+    }
+}
+
+/// The job with a separate teacher model and its reference, shared by the tests.
+fn job() -> &'static Job {
+    static JOB: OnceLock<Job> = OnceLock::new();
+    JOB.get_or_init(|| Job::new(&[]))
+}
+
+/// The same job in LwF mode: the teacher is the students' own base, no teacher rank.
+fn lwf_job() -> &'static Job {
+    static JOB: OnceLock<Job> = OnceLock::new();
+    JOB.get_or_init(|| Job::new(&["teacher.mode=lwf", "teacher.model_name_or_path=null"]))
 }
 
 fn read_adapter(path: &Path) -> HashMap<String, Vec<f32>> {
@@ -372,7 +389,7 @@ fn one_teacher_and_two_students_match_the_reference_bit_for_bit() {
     let job = job();
     let run = tempfile::tempdir().unwrap();
     let out = run.path().join("out");
-    let cfg = load_config(&job.config, &out);
+    let cfg = job.config(&out);
     let mut coord = start_coordinator(&cfg, job.total, 3);
     let mut workers: Vec<Worker> = (0..3).map(|i| spawn_worker(&coord.url, TOKEN, &format!("w{i}"), run.path())).collect();
     let outcome = coord.wait(&mut workers, Duration::from_secs(300));
@@ -396,7 +413,9 @@ fn one_teacher_and_two_students_match_the_reference_bit_for_bit() {
     // only to float rounding (different summation order of the same f32 gradients, carried
     // through six AdamW steps): measured ~4e-7 of the adapter's scale; 1e-5 allowed.
     let single = run.path().join("single");
-    let summary = qdistill_worker::run::train(&job.config, &[format!("output_dir={}", single.display())], false).unwrap();
+    let mut overrides = job.overrides.clone();
+    overrides.push(format!("output_dir={}", single.display()));
+    let summary = qdistill_worker::run::train(&job.config, &overrides, false).unwrap();
     assert_eq!(summary.steps as u64, job.total);
     let one = read_adapter(&single.join("final_model/adapter_model.safetensors"));
     for (name, w) in &one {
@@ -451,7 +470,7 @@ fn a_student_killed_mid_run_is_replaced_by_a_new_generation_with_the_same_result
     let job = job();
     let run = tempfile::tempdir().unwrap();
     let out = run.path().join("out");
-    let cfg = load_config(&job.config, &out);
+    let cfg = job.config(&out);
     let mut coord = start_coordinator(&cfg, job.total, 3);
     let mut workers: Vec<Worker> = (0..3).map(|i| spawn_worker(&coord.url, TOKEN, &format!("w{i}"), run.path())).collect();
     let kill_at = 1 + rand::random::<u64>() % (job.total - 2);
@@ -487,7 +506,7 @@ fn a_hung_student_is_found_by_its_lease() {
     let job = job();
     let run = tempfile::tempdir().unwrap();
     let out = run.path().join("out");
-    let cfg = load_config(&job.config, &out);
+    let cfg = job.config(&out);
     let mut coord = start_coordinator(&cfg, job.total, 3);
     let mut workers: Vec<Worker> = (0..3).map(|i| spawn_worker(&coord.url, TOKEN, &format!("w{i}"), run.path())).collect();
     let st = freeze_at(&coord, &mut workers, 2);
@@ -516,7 +535,7 @@ fn sigterm_makes_a_student_checkpoint_and_leave() {
     let job = job();
     let run = tempfile::tempdir().unwrap();
     let out = run.path().join("out");
-    let cfg = load_config(&job.config, &out);
+    let cfg = job.config(&out);
     let mut coord = start_coordinator(&cfg, job.total, 3);
     let mut workers: Vec<Worker> = (0..3).map(|i| spawn_worker(&coord.url, TOKEN, &format!("w{i}"), run.path())).collect();
     let st = freeze_at(&coord, &mut workers, 1);
@@ -542,12 +561,33 @@ fn sigterm_makes_a_student_checkpoint_and_leave() {
     assert!(ledger.rolled_back.iter().all(|s| s.step >= last), "steps before checkpoint-{last} were rolled back");
 }
 
+/// LwF: no teacher rank, so two workers are two students that compute the teacher's
+/// outputs themselves (their base with adapters off); same reference, same bits.
+#[test]
+fn lwf_students_without_a_teacher_rank_match_the_reference_bit_for_bit() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let job = lwf_job();
+    let run = tempfile::tempdir().unwrap();
+    let out = run.path().join("out");
+    let mut coord = start_coordinator(&job.config(&out), job.total, 2);
+    let mut workers: Vec<Worker> = (0..2).map(|i| spawn_worker(&coord.url, TOKEN, &format!("w{i}"), run.path())).collect();
+    let outcome = coord.wait(&mut workers, Duration::from_secs(300));
+    join_workers(&mut workers, &[]);
+    assert_eq!((outcome.committed_steps, outcome.generation), (job.total, 1), "{outcome:?}\n{}", logs_of(&workers));
+    let got = read_adapter(&out.join("final_model/adapter_model.safetensors"));
+    assert_bit_identical(&got, &job.reference, "LwF cluster vs two-shard reference");
+    let ledger = check_ledger(&out, &job.samples);
+    assert!(ledger.steps.iter().all(|s| s.ranks.len() == 2));
+    // Not a copy of the teacher-model job's result: the teacher differs.
+    assert_ne!(job.reference, crate::job().reference);
+}
+
 /// A worker with the wrong token or of another protocol never joins, and says why.
 #[test]
 fn a_worker_with_the_wrong_token_is_refused_with_a_clear_message() {
     let job = job();
     let run = tempfile::tempdir().unwrap();
-    let cfg = load_config(&job.config, &run.path().join("out"));
+    let cfg = job.config(&run.path().join("out"));
     let coord = start_coordinator(&cfg, job.total, 3);
     let mut opts = WorkerOptions::new(coord.url.clone(), "wrong");
     opts.connect = ConnectOptions { attempts: 1, ..ConnectOptions::default() };

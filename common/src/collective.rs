@@ -293,6 +293,32 @@ pub struct TcpCollective {
     abort: AbortHandle,
 }
 
+/// Waits for the 24-byte handshake answer without consuming a partial one, so that it
+/// can look at `cancelled` and the deadline every 50 ms.
+fn await_answer(s: &mut TcpStream, deadline: Instant, cancelled: &dyn Fn() -> bool) -> std::result::Result<Handshake, String> {
+    s.set_read_timeout(Some(Duration::from_millis(50))).map_err(|e| e.to_string())?;
+    let mut buf = [0u8; 24];
+    loop {
+        match s.peek(&mut buf) {
+            Ok(24) => break,
+            Ok(0) => return Err("closed before answering".into()),
+            // Part of it is there; the rest is a segment away.
+            Ok(_) => std::thread::sleep(Duration::from_millis(1)),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+        if cancelled() {
+            return Err("cancelled".into());
+        }
+        if Instant::now() >= deadline {
+            return Err("no answer before the deadline".into());
+        }
+    }
+    let h = Handshake::read(s);
+    s.set_read_timeout(None).map_err(|e| e.to_string())?;
+    h
+}
+
 fn read_frame(s: &mut TcpStream) -> std::result::Result<Vec<u8>, String> {
     let mut len = [0u8; 8];
     s.read_exact(&mut len).map_err(|e| e.to_string())?;
@@ -311,6 +337,20 @@ impl TcpCollective {
     /// below it and accepts the ranks above it on `listener`. Connections for another
     /// group (a late peer of an old generation) are turned away. Fails after `timeout`.
     pub fn connect(rank: usize, addrs: &[String], listener: &TcpListener, group: u64, timeout: Duration) -> Result<Self> {
+        Self::connect_cancellable(rank, addrs, listener, group, timeout, &|| false)
+    }
+
+    /// [`Self::connect`] that gives up as soon as `cancelled()` says so (checked every
+    /// few milliseconds), e.g. when the coordinator ends the generation while this rank
+    /// waits for peers that will never come.
+    pub fn connect_cancellable(
+        rank: usize,
+        addrs: &[String],
+        listener: &TcpListener,
+        group: u64,
+        timeout: Duration,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<Self> {
         let world = addrs.len();
         if rank >= world {
             return Err(err(format!("rank {rank} is outside a group of {world}")));
@@ -319,7 +359,7 @@ impl TcpCollective {
         let me = Handshake { group, rank: rank as u32, world: world as u32 };
         let mut streams: Vec<Option<TcpStream>> = (0..world).map(|_| None).collect();
         for (j, addr) in addrs.iter().enumerate().take(rank) {
-            streams[j] = Some(Self::dial(addr, j, &me, deadline)?);
+            streams[j] = Some(Self::dial(addr, j, &me, deadline, cancelled)?);
         }
         let listen_addr = listener.local_addr().map_err(|e| err(format!("listener address: {e}")))?;
         listener.set_nonblocking(true).map_err(|e| err(format!("listener {listen_addr}: {e}")))?;
@@ -331,16 +371,25 @@ impl TcpCollective {
                     s.set_read_timeout(Some(Duration::from_secs(5))).ok();
                     match Handshake::read(&mut s) {
                         Ok(h) if h.group == group && h.world as usize == world && (h.rank as usize) > rank && streams[h.rank as usize].is_none() => {
-                            me.write(&mut s).map_err(|e| err(format!("answering rank {} at {from}: {e}", h.rank)))?;
-                            s.set_read_timeout(None).ok();
-                            streams[h.rank as usize] = Some(s);
-                            missing -= 1;
+                            // A dialer that gave up leaves its connection in the backlog;
+                            // answering it fails, and the rank dials again.
+                            match me.write(&mut s) {
+                                Ok(()) => {
+                                    s.set_read_timeout(None).ok();
+                                    streams[h.rank as usize] = Some(s);
+                                    missing -= 1;
+                                }
+                                Err(e) => tracing::warn!(%from, rank = h.rank, "collective: answering a connection failed: {e}"),
+                            }
                         }
                         Ok(h) => tracing::warn!(%from, group = h.group, rank = h.rank, "collective: turned away a connection for another group or rank"),
                         Err(e) => tracing::warn!(%from, "collective: turned away a connection: {e}"),
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if cancelled() {
+                        return Err(err(format!("rank {rank}: cancelled while waiting for peers to connect")));
+                    }
                     if Instant::now() >= deadline {
                         let waiting: Vec<usize> = (rank + 1..world).filter(|&j| streams[j].is_none()).collect();
                         return Err(err(format!("rank {rank} on {listen_addr}: ranks {waiting:?} did not connect within {timeout:?}")));
@@ -383,7 +432,7 @@ impl TcpCollective {
         Ok(Self { rank, world, peers, abort: AbortHandle { aborted: Arc::new(AtomicBool::new(false)), streams: Arc::new(clones) } })
     }
 
-    fn dial(addr: &str, j: usize, me: &Handshake, deadline: Instant) -> Result<TcpStream> {
+    fn dial(addr: &str, j: usize, me: &Handshake, deadline: Instant, cancelled: &dyn Fn() -> bool) -> Result<TcpStream> {
         let mut last = String::new();
         let mut wait = Duration::from_millis(10);
         loop {
@@ -392,8 +441,9 @@ impl TcpCollective {
                 let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
                 match TcpStream::connect_timeout(t, left) {
                     Ok(mut s) => {
-                        s.set_read_timeout(Some(Duration::from_secs(5))).ok();
-                        let answer = me.write(&mut s).map_err(|e| e.to_string()).and_then(|_| Handshake::read(&mut s));
+                        // The peer answers once it reaches its own connect, which can take
+                        // as long as loading its model: wait up to the deadline.
+                        let answer = me.write(&mut s).map_err(|e| e.to_string()).and_then(|_| await_answer(&mut s, deadline, cancelled));
                         match answer {
                             Ok(h) if h.group == me.group && h.rank as usize == j && h.world == me.world => {
                                 s.set_read_timeout(None).ok();
@@ -408,6 +458,9 @@ impl TcpCollective {
             }
             if targets.is_empty() {
                 last = format!("{addr:?} does not resolve to an address");
+            }
+            if cancelled() {
+                return Err(err(format!("rank {}: cancelled while dialling rank {j} at {addr}", me.rank)));
             }
             if Instant::now() >= deadline {
                 return Err(err(format!("rank {} could not reach rank {j} at {addr}: {last}", me.rank)));
@@ -668,7 +721,7 @@ mod tests {
             let a = addrs.clone();
             let stale = s.spawn(move || {
                 // Same address, wrong group: never accepted.
-                TcpCollective::dial(&a[0], 0, &Handshake { group: 1, rank: 1, world: 2 }, Instant::now() + Duration::from_millis(300))
+                TcpCollective::dial(&a[0], 0, &Handshake { group: 1, rank: 1, world: 2 }, Instant::now() + Duration::from_millis(300), &|| false)
             });
             let a = addrs.clone();
             let r0 = s.spawn(move || TcpCollective::connect(0, &a, &l0, 2, Duration::from_secs(20)).unwrap());
@@ -702,6 +755,41 @@ mod tests {
             let e = waiter.join().unwrap().unwrap_err().to_string();
             assert!(e.contains("aborted"), "{e}");
         });
+    }
+
+    #[test]
+    fn a_cancelled_connect_returns_at_once() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let other = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addrs = vec![l.local_addr().unwrap().to_string(), other.local_addr().unwrap().to_string()];
+        let t0 = Instant::now();
+        let flag = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(100));
+                flag.store(true, Ordering::SeqCst);
+            });
+            // Rank 0 waits for a rank 1 that never connects.
+            let e = match TcpCollective::connect_cancellable(0, &addrs, &l, 0, Duration::from_secs(600), &|| flag.load(Ordering::SeqCst)) {
+                Err(e) => e.to_string(),
+                Ok(_) => panic!("nobody connected"),
+            };
+            assert!(e.contains("cancelled"), "{e}");
+        });
+        // Rank 1 dials rank 0, whose listener is in the backlog but never answers.
+        flag.store(false, Ordering::SeqCst);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(100));
+                flag.store(true, Ordering::SeqCst);
+            });
+            let e = match TcpCollective::connect_cancellable(1, &addrs, &other, 0, Duration::from_secs(600), &|| flag.load(Ordering::SeqCst)) {
+                Err(e) => e.to_string(),
+                Ok(_) => panic!("rank 0 never answered"),
+            };
+            assert!(e.contains("cancelled"), "{e}");
+        });
+        assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
     }
 
     #[test]

@@ -61,7 +61,9 @@ impl WorkerOptions {
             collective_advertise: None,
             device: None,
             connect: ConnectOptions::default(),
-            collective_timeout: Duration::from_secs(60),
+            // Peers connect once they loaded their models, which takes minutes for large
+            // ones; a generation that ends meanwhile cancels the wait.
+            collective_timeout: Duration::from_secs(1800),
             teacher_lookahead_steps: 2,
         }
     }
@@ -130,6 +132,12 @@ impl RoleCtx<'_> {
             return Err(RoleError::Lost(s.message()));
         }
         Ok(())
+    }
+    /// Whether waiting for peers is pointless: the generation or the job ended, or a
+    /// signal arrived.
+    pub fn cancelled(&self) -> bool {
+        let s = &self.session.shared;
+        s.stop.load(Ordering::SeqCst) || s.reregister.load(Ordering::SeqCst) || s.term.load(Ordering::SeqCst)
     }
     pub fn terminating(&self) -> bool {
         self.session.shared.term.load(Ordering::SeqCst)

@@ -71,7 +71,8 @@ pub(crate) fn run(ctx: &RoleCtx, a: &Assignment, cfg: &TrainConfig) -> Result<Ro
     };
 
     let addrs: Vec<String> = a.peers.iter().map(|p| p.collective_addr.clone()).collect();
-    let mesh = TcpCollective::connect(a.rank, &addrs, ctx.listener, a.generation, ctx.opts.collective_timeout).map_err(RoleError::lost)?;
+    let mesh = TcpCollective::connect_cancellable(a.rank, &addrs, ctx.listener, a.generation, ctx.opts.collective_timeout, &|| ctx.cancelled())
+        .map_err(RoleError::lost)?;
     ctx.session.shared.set_abort(mesh.abort_handle());
     let students: Vec<usize> = a.peers.iter().filter(|p| p.role == Role::Student).map(|p| p.rank).collect();
     let group = SubGroup::new(&mesh, students)?;
