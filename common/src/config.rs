@@ -2851,15 +2851,15 @@ training:
             Some(PathBuf::from("examples/data/rehearsal.jsonl"))
         );
         assert_eq!(c.data.rehearsal_ratio, 0.2);
-        assert_eq!(c.data.max_seq_length, 256);
         assert_eq!((c.lora.r, c.lora.lora_alpha), (16, 32.0));
         assert_eq!(c.lora.target_modules, TargetModules::AllLinear);
-        assert_eq!(c.training.learning_rate, 2e-4);
-        assert_eq!(c.training.per_device_train_batch_size, 4);
-        assert_eq!(c.training.gradient_accumulation_steps, 2);
-        assert_eq!(c.training.max_steps, 30);
-        assert_eq!(c.training.warmup_ratio, 0.1);
-        assert_eq!(c.training.lr_scheduler_type, LrSchedulerType::Cosine);
+        assert!(c.data.eval_split > 0.0, "the quick start reports eval KL before/after");
+        assert!(c.training.max_steps > 0);
+        // The files it names ship with the repository.
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        for f in c.data.train_file.iter().chain(c.data.rehearsal_file.iter()) {
+            assert!(root.join(f).exists(), "{} is missing", f.display());
+        }
         assert_eq!(c.training.logging_steps, 1);
         assert_eq!(c.output_dir, PathBuf::from("runs/quickstart"));
     }

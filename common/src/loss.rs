@@ -88,6 +88,23 @@ pub struct LossOutput {
     pub dh: Tensor,
 }
 
+/// Checks hidden states `[n, d]` against an LM head `[v, d]` of the same dtype; returns
+/// (n, d, v). Errors name the inputs as the caller knows them.
+fn check_head(h_name: &str, h: &Tensor, w_name: &str, w: &Tensor) -> Result<(usize, usize, usize)> {
+    let (n, d) = dims2(h_name, h)?;
+    let (v, d_head) = dims2(w_name, w)?;
+    if d_head != d {
+        return Err(input_err(
+            w_name,
+            format!("has shape [{v}, {d_head}], but `{h_name}` is [{n}, {d}]: hidden sizes differ"),
+        ));
+    }
+    if h.dtype() != w.dtype() {
+        return Err(input_err(w_name, format!("has dtype {:?}, but `{h_name}` has {:?}", w.dtype(), h.dtype())));
+    }
+    Ok((n, d, v))
+}
+
 /// Loss and dL/dh of the student's LM head over `h` `[N, d]` with frozen `lm_head`
 /// `[Vs, d]`, without materialising full logits. See [`LossOutput`] for what is returned;
 /// the objective is grad_scale·(ce_weight·ce_sum + kd_weight·T²·kd_sum), where the caller
@@ -106,24 +123,7 @@ pub fn fused_linear_distill(
     grad_scale: f64,
 ) -> Result<LossOutput> {
     validate_config(cfg, grad_scale)?;
-    let (n, d) = dims2("h", h)?;
-    let (vs, d_head) = dims2("lm_head", lm_head)?;
-    if d_head != d {
-        return Err(input_err(
-            "lm_head",
-            format!("has shape [{vs}, {d_head}], but `h` is [{n}, {d}]: hidden sizes differ"),
-        ));
-    }
-    if h.dtype() != lm_head.dtype() {
-        return Err(input_err(
-            "lm_head",
-            format!(
-                "has dtype {:?}, but `h` has {:?}",
-                lm_head.dtype(),
-                h.dtype()
-            ),
-        ));
-    }
+    let (n, d, vs) = check_head("h", h, "lm_head", lm_head)?;
     if labels.len() != n {
         return Err(input_err(
             "labels",
@@ -235,28 +235,11 @@ impl<'a> Teacher<'a> {
                 lm_head,
                 softcap,
             } => {
-                let (rows, dt) = dims2("teacher h", h)?;
-                let (vt, dt_head) = dims2("teacher lm_head", lm_head)?;
+                let (rows, _, vt) = check_head("teacher h", h, "teacher lm_head", lm_head)?;
                 if rows != n {
                     return Err(input_err(
                         "teacher h",
                         format!("has {rows} rows, but `h` has {n}"),
-                    ));
-                }
-                if dt_head != dt {
-                    return Err(input_err(
-                        "teacher lm_head",
-                        format!("has shape [{vt}, {dt_head}], but `teacher h` is [{rows}, {dt}]: hidden sizes differ"),
-                    ));
-                }
-                if h.dtype() != lm_head.dtype() {
-                    return Err(input_err(
-                        "teacher lm_head",
-                        format!(
-                            "has dtype {:?}, but `teacher h` has {:?}",
-                            lm_head.dtype(),
-                            h.dtype()
-                        ),
                     ));
                 }
                 check_softcap("teacher softcap", softcap)?;

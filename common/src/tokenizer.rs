@@ -602,11 +602,9 @@ pub(crate) mod test_assets {
         if p.exists() {
             Some(p)
         } else {
-            eprintln!(
-                "NOTICE: {} not found (set {env} or run scripts/fixtures/make_tokenizer_fixtures.py fetch-assets); skipping",
-                p.display()
-            );
-            None
+            // A missing asset fails the test rather than skipping it: a skipped check
+            // would pass on a machine that never ran it.
+            panic!("{} not found: run scripts/fetch-assets.sh (or set {env})", p.display())
         }
     }
 
@@ -625,11 +623,8 @@ pub(crate) mod test_assets {
     pub fn hf_dir(name: &str) -> Option<PathBuf> {
         let env = format!("QDISTILL_{}_TOKENIZER_DIR", name.to_uppercase());
         asset(&env, &format!("assets/tokenizers/{name}")).filter(|d| {
-            let ok = d.join("tokenizer.json").exists();
-            if !ok {
-                eprintln!("NOTICE: {} has no tokenizer.json; skipping", d.display());
-            }
-            ok
+            assert!(d.join("tokenizer.json").exists(), "{} has no tokenizer.json: run scripts/fetch-assets.sh", d.display());
+            true
         })
     }
 

@@ -169,21 +169,12 @@ impl WeightStore {
 
     pub fn get_any_shape(&self, name: &str, device: &Device) -> Result<Tensor> {
         match &self.backend {
-            Backend::Safetensors { files, index } => {
-                let &i = index.get(name).ok_or_else(|| self.missing(name))?;
-                let (p, m) = &files[i];
-                let st = SafeTensors::deserialize(m).map_err(|e| Error::format(p, e.to_string()))?;
-                let view = st.tensor(name).map_err(|e| Error::format(p, e.to_string()))?;
-                let dtype = match view.dtype() {
-                    safetensors::Dtype::F32 => DType::F32,
-                    safetensors::Dtype::F16 => DType::F16,
-                    safetensors::Dtype::BF16 => DType::BF16,
-                    safetensors::Dtype::F64 => DType::F64,
-                    other => {
-                        return Err(Error::format(p, format!("tensor `{name}` has dtype {other:?}, expected a float type")))
-                    }
-                };
-                let t = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &Device::Cpu)?;
+            Backend::Safetensors { .. } => {
+                let t = self.get_native(name)?;
+                if !t.dtype().is_float() {
+                    let msg = format!("tensor `{name}` has dtype {:?}, expected a float type", t.dtype());
+                    return Err(Error::format(&self.path, msg));
+                }
                 Ok(t.to_dtype(DType::F32)?.to_device(device)?)
             }
             Backend::Gguf { content, names } => {

@@ -214,3 +214,30 @@ fn gemma2_rslora_gradients_match_peft() {
     assert!((loss - want).abs() < 1e-5 * want.abs().max(1.0), "CE {loss} vs PEFT {want}");
     check_grads(&case, &grads, "grads_ce.safetensors", 1e-4);
 }
+
+#[test]
+fn prequantized_bitsandbytes_checkpoint_gives_its_logits() {
+    // save_pretrained of a BitsAndBytesConfig(load_in_4bit, nf4, double quant) model: the
+    // u8 codes and quant state are used as stored, in NF4 and dequantized to dense.
+    let dir = fixture("models/llama-bnb4");
+    let io = load_io(&dir);
+    let (ids, pos) = ids_and_positions(&io);
+    for nf4 in [true, false] {
+        let model = load_model(&dir, nf4, DType::F32);
+        let ctx = StepCtx { position_ids: &pos, segment_ids: None, lora: None, dropout_seed: None };
+        let logits = model.logits(&model.forward_hidden(&ids, &ctx).unwrap()).unwrap();
+        let err = max_rel_err(&logits, &io["logits"].reshape(logits.shape()).unwrap());
+        assert!(err < 1e-5, "bnb 4-bit checkpoint (kept as NF4: {nf4}): logits differ from bitsandbytes by {err:.2e}");
+    }
+}
+
+#[test]
+fn a_tensor_of_the_wrong_shape_is_named() {
+    let dir = fixture("models/llama");
+    let mut cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    cfg.intermediate_size += 8;
+    let store = WeightStore::open(&dir).unwrap();
+    let opts = LoadOptions { keep_layers: None, nf4: false, double_quant: false, device: Device::Cpu, dtype: DType::F32 };
+    let err = Model::load(&store, &cfg, &opts).err().expect("a shape mismatch must fail").to_string();
+    assert!(err.contains("model.layers.0.mlp.gate_proj.weight") && err.contains("[136, 64]"), "{err}");
+}

@@ -10,8 +10,14 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use candle_core::{DType, Device};
 use indicatif::{ProgressBar, ProgressStyle};
-use qdistill_common::checkpoint::{save_adapter, write_dir_atomically, AdapterConfig};
-use qdistill_common::config::{self, ComputeDtype, DistillLoss, LrSchedulerType, Quantization, TeacherMode, TrainConfig};
+use qdistill_common::checkpoint::{
+    checkpoint_dir, latest_checkpoint, load_adapter, load_optimizer, rotate_checkpoints, save_adapter, save_optimizer,
+    write_dir_atomically, AdapterConfig, TrainerState,
+};
+use qdistill_common::data::{Batcher, DataCursor};
+use qdistill_common::config::{
+    self, ComputeDtype, DistillLoss, LrSchedulerType, Quantization, ResumeFromCheckpoint, TeacherMode, TrainConfig,
+};
 use qdistill_common::lora::{LoraGrads, LoraParams, LoraSpec};
 use qdistill_common::loss::{KdLoss, LossConfig};
 use qdistill_common::optim::{lr_at, AdamW, AdamWConfig, SchedulerType};
@@ -24,10 +30,15 @@ use crate::trainer::{dropout_seed, teacher_hidden, DeviceBatch, LossSums, Studen
 /// What a finished run reports.
 pub struct TrainSummary {
     pub steps: usize,
+    /// Tokens processed (padding excluded) and, of those, tokens with a training target.
     pub tokens: usize,
+    pub target_tokens: usize,
     pub seconds: f64,
     pub eval_before: Option<LossSums>,
     pub eval_after: Option<LossSums>,
+    /// The same on held-out rehearsal data: how much general ability was kept.
+    pub rehearsal_before: Option<LossSums>,
+    pub rehearsal_after: Option<LossSums>,
     pub last_loss: f64,
     pub output: PathBuf,
     pub base_bytes: usize,
@@ -36,13 +47,29 @@ pub struct TrainSummary {
 impl TrainSummary {
     pub fn table(&self) -> String {
         let mut s = String::new();
-        s.push_str(&format!("steps {} · {} target tokens · {:.1} s · {:.0} tok/s\n", self.steps, self.tokens, self.seconds, self.tokens as f64 / self.seconds.max(1e-9)));
+        s.push_str(&format!(
+            "steps {} · {} tokens ({} trained) · {:.1} s · {:.0} tok/s\n",
+            self.steps,
+            self.tokens,
+            self.target_tokens,
+            self.seconds,
+            self.tokens as f64 / self.seconds.max(1e-9)
+        ));
         s.push_str(&format!("student base weights in memory: {:.1} MiB\n", self.base_bytes as f64 / (1 << 20) as f64));
+        let mut rows = Vec::new();
         if let (Some(b), Some(a)) = (&self.eval_before, &self.eval_after) {
-            s.push_str("eval                  before      after\n");
-            s.push_str(&format!("CE (nats/token)   {:>10.4} {:>10.4}\n", b.ce_mean(), a.ce_mean()));
+            rows.push(("held-out", b, a));
+        }
+        if let (Some(b), Some(a)) = (&self.rehearsal_before, &self.rehearsal_after) {
+            rows.push(("rehearsal", b, a));
+        }
+        if !rows.is_empty() {
+            s.push_str("eval (T = 1)                      before      after\n");
+        }
+        for (name, b, a) in rows {
+            s.push_str(&format!("{name:<10} CE (nats/token)      {:>9.4} {:>10.4}\n", b.ce_mean(), a.ce_mean()));
             if b.kd != 0.0 || a.kd != 0.0 {
-                s.push_str(&format!("KL(teacher‖student){:>9.4} {:>10.4}\n", b.kd_mean(), a.kd_mean()));
+                s.push_str(&format!("{name:<10} KL(teacher‖student) {:>9.4} {:>10.4}\n", b.kd_mean(), a.kd_mean()));
             }
         }
         s.push_str(&format!("final train loss {:.4}\nadapter: {}", self.last_loss, self.output.display()));
@@ -97,6 +124,14 @@ pub struct Prepared {
 }
 
 pub fn prepare(cfg: &TrainConfig) -> anyhow::Result<Prepared> {
+    if cfg.teacher.output != config::TeacherOutput::Hidden && cfg.teacher.mode != TeacherMode::None {
+        bail!(
+            "teacher.output = {:?}: a single-process run hands the teacher's final hidden states to the fused \
+             loss directly (exact, and no logits are ever materialised); `logits` and `topk:K` are transfer \
+             formats of cluster runs and are not available yet — remove the key or set it to \"hidden\"",
+            cfg.teacher.output
+        );
+    }
     let device = device_of(cfg.device)?;
     let dtype = dtype_of(cfg.model.compute_dtype);
     let student_path = config::resolve_model_path(&cfg.model.model_name_or_path, cfg.model.revision.as_deref(), None)?;
@@ -157,29 +192,52 @@ pub fn train(config_path: &Path, overrides: &[String], progress: bool) -> anyhow
     }
     let warmup = t.num_warmup_steps(total_steps);
 
+    let adapter_cfg = AdapterConfig::new(Some(cfg.model.model_name_or_path.clone()), &cfg.lora);
+    let resolved = cfg.to_toml_string()?;
+    let (start_step, mut stream, mut log_history) = match &t.resume_from_checkpoint {
+        Some(r) => resume(&cfg, r, &mut student, &data)?,
+        None => (0, data.train_stream()?, Vec::new()),
+    };
+
     // Inputs are valid: from here on we write.
     std::fs::create_dir_all(&cfg.output_dir).with_context(|| format!("creating {}", cfg.output_dir.display()))?;
     let metrics_path = cfg.output_dir.join("metrics.jsonl");
-    let mut metrics = std::fs::File::create(&metrics_path).with_context(|| format!("creating {}", metrics_path.display()))?;
+    // A resumed run appends, so metrics.jsonl keeps one line per step across restarts.
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(start_step > 0)
+        .write(true)
+        .truncate(start_step == 0)
+        .open(&metrics_path)
+        .with_context(|| format!("opening {}", metrics_path.display()))?;
 
     let eval_batches: Vec<DeviceBatch> = data.eval.iter().map(|b| DeviceBatch::new(b, &device)).collect::<Result<_, _>>()?;
-    let eval_before = if eval_batches.is_empty() { None } else { Some(student.evaluate(&eval_batches, &teacher)?) };
-    if let Some(e) = &eval_before {
-        tracing::info!(ce = e.ce_mean(), kl = e.kd_mean(), "eval before training");
-    }
+    let reh_batches: Vec<DeviceBatch> =
+        data.eval_rehearsal.iter().map(|b| DeviceBatch::new(b, &device)).collect::<Result<_, _>>()?;
+    let evaluate = |student: &Student, batches: &[DeviceBatch], what: &str| -> anyhow::Result<Option<LossSums>> {
+        if batches.is_empty() {
+            return Ok(None);
+        }
+        let e = student.evaluate(batches, &teacher)?;
+        tracing::info!(ce = e.ce_mean(), kl = e.kd_mean(), tokens = e.tokens, "eval {what}");
+        Ok(Some(e))
+    };
+    let eval_before = evaluate(&student, &eval_batches, "held-out, before training")?;
+    let rehearsal_before = evaluate(&student, &reh_batches, "rehearsal, before training")?;
 
     let bar = if progress { ProgressBar::new(total_steps as u64) } else { ProgressBar::hidden() };
     bar.set_style(
         ProgressStyle::with_template("{spinner} [{elapsed_precise}<{eta_precise}] {bar:30} {pos}/{len} steps · {msg}")
             .expect("static template"),
     );
-    let mut stream = data.train_stream()?;
+    bar.set_position(start_step as u64);
     let n_train = data.train.len() as f64;
     let mut thr = Throughput::new();
     let started = Instant::now();
     let mut last_loss = f64::NAN;
+    let mut target_tokens = 0usize;
     let mut tokens = 0usize;
-    for step in 0..total_steps {
+    for step in start_step..total_steps {
         let micro: Vec<DeviceBatch> = (0..t.gradient_accumulation_steps)
             .map(|_| DeviceBatch::new(&stream.next_batch(), &device))
             .collect::<Result<_, _>>()?;
@@ -194,41 +252,125 @@ pub fn train(config_path: &Path, overrides: &[String], progress: bool) -> anyhow
         let grad_norm = student.optimizer_step(lr, t.max_grad_norm)?;
         let kd_term = student.loss.kd_weight * student.loss.temperature.powi(2) * sums.kd_mean();
         last_loss = student.loss.ce_weight * sums.ce_mean() + kd_term;
-        tokens += sums.tokens;
-        thr.add(micro.iter().map(|b| b.labels.len()).sum());
+        target_tokens += sums.tokens;
+        let step_tokens: usize = micro.iter().map(|b| b.n_tokens).sum();
+        tokens += step_tokens;
+        thr.add(step_tokens);
         let rec = serde_json::json!({
             "step": step + 1, "loss": last_loss, "ce": sums.ce_mean(), "kd": sums.kd_mean(),
             "lr": lr, "grad_norm": grad_norm, "tokens_per_sec": thr.tokens_per_sec(),
             "epoch": stream.cursor().epoch as f64 + stream.cursor().index as f64 / n_train,
         });
         writeln!(metrics, "{rec}").with_context(|| format!("writing {}", metrics_path.display()))?;
-        bar.set_message(format!("loss {last_loss:.3} · ce {:.3} · kl {:.3} · {:.0} tok/s", sums.ce_mean(), sums.kd_mean(), thr.tokens_per_sec()));
+        log_history.push(rec);
+        bar.set_message(format!("loss {last_loss:.3} · ce {:.3} · kd {:.3} · {:.0} tok/s", sums.ce_mean(), sums.kd_mean(), thr.tokens_per_sec()));
         bar.inc(1);
         if t.logging_steps > 0 && (step + 1) % t.logging_steps == 0 {
-            bar.suspend(|| tracing::info!(step = step + 1, loss = last_loss, ce = sums.ce_mean(), kl = sums.kd_mean(), lr, grad_norm, "train"));
+            bar.suspend(|| tracing::info!(step = step + 1, loss = last_loss, ce = sums.ce_mean(), kd = sums.kd_mean(), lr, grad_norm, "train"));
+        }
+        if t.eval_steps.is_some_and(|n| n > 0 && (step + 1) % n == 0) {
+            bar.suspend(|| evaluate(&student, &eval_batches, &format!("held-out, step {}", step + 1)))?;
+        }
+        if t.save_steps > 0 && (step + 1) % t.save_steps == 0 && step + 1 < total_steps {
+            let ckpt = Checkpoint { cfg: &cfg, adapter_cfg: &adapter_cfg, resolved: &resolved, total_steps };
+            let dir = ckpt.save(&student, step + 1, stream.cursor(), &log_history)?;
+            bar.suspend(|| tracing::info!(dir = %dir.display(), "checkpoint saved"));
         }
     }
     bar.finish_and_clear();
     let seconds = started.elapsed().as_secs_f64();
 
-    let eval_after = if eval_batches.is_empty() { None } else { Some(student.evaluate(&eval_batches, &teacher)?) };
+    let eval_after = evaluate(&student, &eval_batches, "held-out, after training")?;
+    let rehearsal_after = evaluate(&student, &reh_batches, "rehearsal, after training")?;
     let out = cfg.output_dir.join("final_model");
-    let adapter_cfg = AdapterConfig::new(Some(cfg.model.model_name_or_path.clone()), &cfg.lora);
     let tensors = student.params.peft_tensors()?;
-    let resolved = cfg.to_toml_string()?;
     write_dir_atomically(&out, |dir| {
         save_adapter(dir, &tensors, &adapter_cfg)?;
         let p = dir.join("qdistill_config.toml");
         std::fs::write(&p, &resolved).map_err(|e| qdistill_common::Error::io(&p, e))
     })?;
     Ok(TrainSummary {
-        steps: total_steps,
+        steps: total_steps - start_step,
         tokens,
         seconds,
         eval_before,
         eval_after,
+        rehearsal_before,
+        rehearsal_after,
         last_loss,
+        target_tokens,
         output: out,
         base_bytes: student.model.base_memory_bytes(),
     })
+}
+
+/// What a `checkpoint-<step>/` holds, HF-style: the adapter in PEFT layout, the optimizer
+/// state, trainer_state.json (with the data cursor) and the resolved config — enough for
+/// `resume_from_checkpoint` to continue bit-exactly.
+struct Checkpoint<'a> {
+    cfg: &'a TrainConfig,
+    adapter_cfg: &'a AdapterConfig,
+    resolved: &'a str,
+    total_steps: usize,
+}
+
+impl Checkpoint<'_> {
+    fn save(&self, student: &Student, step: usize, cursor: DataCursor, log_history: &[serde_json::Value]) -> anyhow::Result<PathBuf> {
+        let t = &self.cfg.training;
+        let dir = checkpoint_dir(&self.cfg.output_dir, step as u64);
+        let tensors = student.params.peft_tensors()?;
+        let opt = student.opt.state_tensors()?;
+        let state = TrainerState {
+            global_step: step as u64,
+            epoch: Some(cursor.epoch as f64),
+            max_steps: self.total_steps as u64,
+            num_train_epochs: t.num_train_epochs.ceil() as u64,
+            logging_steps: t.logging_steps as u64,
+            save_steps: t.save_steps as u64,
+            log_history: log_history.to_vec(),
+            best_metric: None,
+            best_model_checkpoint: None,
+            train_batch_size: Some(t.per_device_train_batch_size as u64),
+            data_cursor: serde_json::to_value(cursor)?,
+            // Dropout masks are a pure function of (seed, step, microbatch): nothing to keep.
+            rng_state: serde_json::json!({ "seed": self.cfg.seed }),
+        };
+        write_dir_atomically(&dir, |d| {
+            save_adapter(d, &tensors, self.adapter_cfg)?;
+            save_optimizer(&d.join("optimizer.safetensors"), &opt, &Default::default())?;
+            state.save(&d.join("trainer_state.json"))?;
+            let p = d.join("qdistill_config.toml");
+            std::fs::write(&p, self.resolved).map_err(|e| qdistill_common::Error::io(&p, e))
+        })?;
+        if let Some(limit) = t.save_total_limit {
+            rotate_checkpoints(&self.cfg.output_dir, limit)?;
+        }
+        Ok(dir)
+    }
+}
+
+/// Loads adapter, optimizer state and data cursor from a checkpoint; returns the step to
+/// continue from, the data stream positioned there, and the log history so far.
+fn resume(
+    cfg: &TrainConfig,
+    from: &ResumeFromCheckpoint,
+    student: &mut Student,
+    data: &DataPlan,
+) -> anyhow::Result<(usize, Batcher, Vec<serde_json::Value>)> {
+    let dir = match from {
+        ResumeFromCheckpoint::Latest => latest_checkpoint(&cfg.output_dir)
+            .with_context(|| format!("resume_from_checkpoint = true, but {} holds no checkpoint-<step>/", cfg.output_dir.display()))?,
+        ResumeFromCheckpoint::Path(p) => p.clone(),
+    };
+    let (_, tensors) = load_adapter(&dir)?;
+    student.params.load_peft_tensors(&tensors, &dir)?;
+    let opt_path = dir.join("optimizer.safetensors");
+    let (opt, _) = load_optimizer(&opt_path)?;
+    student.opt.load_state(&opt.into_iter().collect(), &opt_path)?;
+    let state = TrainerState::load(&dir.join("trainer_state.json"))?;
+    let cursor: DataCursor = serde_json::from_value(state.data_cursor.clone())
+        .with_context(|| format!("{}: data cursor", dir.join("trainer_state.json").display()))?;
+    let stream = Batcher::resume(data.train.clone(), data.opts.clone(), cursor)?;
+    tracing::info!(dir = %dir.display(), step = state.global_step, "resuming");
+    Ok((state.global_step as usize, stream, state.log_history))
 }

@@ -37,18 +37,24 @@ pub struct DeviceBatch {
     pub segment_ids: Option<Tensor>,
     pub labels: Vec<i64>,
     pub n_target: usize,
+    /// Real (non-padding) tokens.
+    pub n_tokens: usize,
 }
 
 impl DeviceBatch {
     pub fn new(b: &Batch, device: &Device) -> Result<Self> {
         let shape = (b.batch, b.seq_len);
-        let packed = b.segment_ids.iter().any(|&s| s != b.segment_ids[0]);
+        // Unpacked rows hold one sample (segment 1) and right padding (segment 0), which
+        // causal attention already keeps out of real tokens' view: no segment mask needed.
+        let packed = b.segment_ids.iter().any(|&s| s > 1);
         Ok(Self {
             ids: Tensor::from_slice(&b.input_ids, shape, device)?,
             position_ids: Tensor::from_slice(&b.position_ids, shape, device)?,
             segment_ids: if packed { Some(Tensor::from_slice(&b.segment_ids, shape, device)?) } else { None },
             labels: b.labels.clone(),
             n_target: b.labels.iter().filter(|&&l| l >= 0).count(),
+            // Padding sits in segment 0; real tokens are in segments 1.. (packed or not).
+            n_tokens: b.segment_ids.iter().filter(|&&s| s != 0).count(),
         })
     }
 }

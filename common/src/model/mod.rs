@@ -125,6 +125,48 @@ impl ModelConfig {
     }
 }
 
+/// Family-specific defaults for keys a config.json may leave out.
+pub(crate) struct Defaults {
+    pub head_dim: Option<usize>,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    pub act_keys: &'static [&'static str],
+    pub act: &'static str,
+}
+
+/// The keys every family reads the same way; the family parser then sets what differs
+/// (sliding windows, biases, soft-capping, attention scale).
+pub(crate) fn common_config(v: &Value, model_type: &str, family: Family, path: &Path, d: Defaults) -> Result<ModelConfig> {
+    let hidden_size = req_usize(v, "hidden_size", path)?;
+    let num_attention_heads = req_usize(v, "num_attention_heads", path)?;
+    let num_hidden_layers = req_usize(v, "num_hidden_layers", path)?;
+    let head_dim = opt_usize(v, "head_dim").or(d.head_dim).unwrap_or(hidden_size / num_attention_heads.max(1));
+    let (rope_theta, rope_scaling) = rope_params(v, path, 10000.0)?;
+    Ok(ModelConfig {
+        model_type: model_type.to_string(),
+        family,
+        hidden_size,
+        intermediate_size: req_usize(v, "intermediate_size", path)?,
+        num_hidden_layers,
+        num_attention_heads,
+        num_key_value_heads: opt_usize(v, "num_key_value_heads").unwrap_or(num_attention_heads),
+        head_dim,
+        vocab_size: req_usize(v, "vocab_size", path)?,
+        rms_norm_eps: opt_f64(v, "rms_norm_eps").unwrap_or(1e-6),
+        rope_theta,
+        rope_scaling,
+        max_position_embeddings: opt_usize(v, "max_position_embeddings").unwrap_or(d.max_position_embeddings),
+        tie_word_embeddings: v.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(d.tie_word_embeddings),
+        attention_bias: v.get("attention_bias").and_then(Value::as_bool).unwrap_or(false),
+        mlp_bias: v.get("mlp_bias").and_then(Value::as_bool).unwrap_or(false),
+        hidden_act: activation(v, d.act_keys, d.act, path)?,
+        layer_window: vec![None; num_hidden_layers],
+        attn_logit_softcapping: None,
+        final_logit_softcapping: None,
+        attn_scale: 1.0 / (head_dim as f64).sqrt(),
+    })
+}
+
 /// Helpers shared by the family parsers.
 pub(crate) fn req_usize(v: &Value, key: &str, path: &Path) -> Result<usize> {
     v.get(key)
