@@ -408,6 +408,13 @@ fn one_teacher_and_two_students_match_the_reference_bit_for_bit() {
     let ledger = check_ledger(&out, &job.samples);
     assert!(ledger.rolled_back.is_empty());
     assert!(ledger.steps.iter().all(|s| s.generation == 1 && s.ranks.len() == 2));
+    // A cluster checkpoint is one the single-process run resumes from.
+    let resumed = run.path().join("resumed");
+    let mut overrides = job.overrides.clone();
+    overrides.push(format!("output_dir={}", resumed.display()));
+    overrides.push(format!("training.resume_from_checkpoint={}", out.join("checkpoint-4").display()));
+    let summary = qdistill_worker::run::train(&job.config, &overrides, false).unwrap();
+    assert_eq!(summary.steps as u64, job.total - 4);
 
     // The single-process run sums the four microbatches as one running sum, so it agrees
     // only to float rounding (different summation order of the same f32 gradients, carried

@@ -31,7 +31,7 @@ pub fn save(dir: &Path, student: &Student, cfg: &TrainConfig, step: u64, total_s
     let t = &cfg.training;
     let state = TrainerState {
         global_step: step,
-        epoch: None,
+        epoch: Some(cursor.epoch as f64),
         max_steps: total_steps,
         num_train_epochs: t.num_train_epochs.ceil() as u64,
         logging_steps: t.logging_steps as u64,
