@@ -31,7 +31,8 @@ pub struct ConnectOptions {
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
     pub connect_timeout: Duration,
-    /// Per-call deadline.
+    /// Per-call deadline. Generous: it covers a whole checkpoint upload; liveness is the
+    /// heartbeat's business, not this.
     pub timeout: Duration,
 }
 
@@ -42,7 +43,7 @@ impl Default for ConnectOptions {
             initial_backoff: Duration::from_millis(200),
             max_backoff: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
-            timeout: Duration::from_secs(60),
+            timeout: Duration::from_secs(900),
         }
     }
 }

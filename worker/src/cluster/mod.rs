@@ -232,7 +232,7 @@ pub fn run_worker(opts: WorkerOptions) -> anyhow::Result<WorkerExit> {
         let outcome = run_role(&ctx, &assignment, &config_toml);
         session.shared.clear_abort();
         match outcome {
-            Ok(RoleEnd::Finished) => match session.wait_for_end(&rpc) {
+            Ok(RoleEnd::Finished) => match session.wait_for_end() {
                 session::Next::Stop(why) => return Ok(WorkerExit::JobOver(why)),
                 session::Next::Terminated => return Ok(WorkerExit::Terminated),
                 _ => {

@@ -224,7 +224,7 @@ impl Session {
 
     /// After this worker's part is done: wait until the coordinator says the job is over
     /// (or that the generation broke first).
-    pub fn wait_for_end(&self, _rpc: &Rpc) -> Next {
+    pub fn wait_for_end(&self) -> Next {
         loop {
             if self.shared.stop.load(Ordering::SeqCst) {
                 return Next::Stop(self.shared.message());
