@@ -7,6 +7,7 @@
 
 pub mod chat_template;
 pub mod checkpoint;
+pub mod collective;
 pub mod config;
 pub mod data;
 pub mod error;

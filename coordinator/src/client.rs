@@ -1,0 +1,203 @@
+//! Calling the coordinator: connecting with bounded retries, the job token on every call,
+//! and `qdistill status`.
+
+use std::time::Duration;
+
+use qdistill_proto::v1 as pb;
+use qdistill_proto::v1::coordinator_client::CoordinatorClient;
+use qdistill_proto::TOKEN_METADATA_KEY;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Status};
+
+use crate::CoordError;
+
+/// Adds `x-qdistill-token` to every call.
+#[derive(Clone)]
+pub struct AddToken(MetadataValue<Ascii>);
+
+impl tonic::service::Interceptor for AddToken {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        req.metadata_mut().insert(TOKEN_METADATA_KEY, self.0.clone());
+        Ok(req)
+    }
+}
+
+/// How hard to try reaching the coordinator.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    pub attempts: u32,
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+    pub connect_timeout: Duration,
+    /// Per-call deadline. Generous: it covers a whole checkpoint upload; liveness is the
+    /// heartbeat's business, not this.
+    pub timeout: Duration,
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        Self {
+            attempts: 8,
+            initial_backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(5),
+            timeout: Duration::from_secs(900),
+        }
+    }
+}
+
+/// Delay before attempt `n` (0-based) with exponential backoff: initial · 2ⁿ, capped.
+pub fn backoff(opts: &ConnectOptions, n: u32) -> Duration {
+    opts.initial_backoff.saturating_mul(1u32 << n.min(20)).min(opts.max_backoff)
+}
+
+pub type Raw = CoordinatorClient<InterceptedService<Channel, AddToken>>;
+
+/// A connection to the coordinator at `url`.
+#[derive(Clone)]
+pub struct Client {
+    url: String,
+    raw: Raw,
+}
+
+impl Client {
+    /// Connects, retrying `opts.attempts` times with exponential backoff. The error names
+    /// the URL and the last cause.
+    pub async fn connect(url: &str, token: &str, opts: &ConnectOptions) -> Result<Self, CoordError> {
+        let err = |msg: String| CoordError::Rpc { url: url.to_string(), msg };
+        let token: MetadataValue<Ascii> =
+            token.parse().map_err(|_| err("the job token must be printable ASCII".into()))?;
+        let endpoint = Endpoint::from_shared(url.to_string())
+            .map_err(|e| err(format!("not a valid URL ({e}); expected e.g. http://host:50051")))?
+            .connect_timeout(opts.connect_timeout)
+            .timeout(opts.timeout)
+            .tcp_nodelay(true);
+        let attempts = opts.attempts.max(1);
+        let mut last = String::new();
+        for n in 0..attempts {
+            match endpoint.connect().await {
+                Ok(channel) => {
+                    let raw = CoordinatorClient::with_interceptor(channel, AddToken(token))
+                        .max_decoding_message_size(64 << 20)
+                        .max_encoding_message_size(64 << 20);
+                    return Ok(Self { url: url.to_string(), raw });
+                }
+                Err(e) => {
+                    last = source_chain(&e);
+                    if n + 1 < attempts {
+                        let d = backoff(opts, n);
+                        tracing::warn!(url, attempt = n + 1, "coordinator unreachable ({last}); retrying in {d:?}");
+                        tokio::time::sleep(d).await;
+                    }
+                }
+            }
+        }
+        Err(err(format!("unreachable after {attempts} attempt(s): {last}")))
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The generated client, for calls this type does not wrap.
+    pub fn raw(&mut self) -> &mut Raw {
+        &mut self.raw
+    }
+
+    /// Wraps a failed call into an error naming the coordinator.
+    pub fn error(&self, s: Status) -> CoordError {
+        CoordError::Rpc { url: self.url.clone(), msg: format!("{}: {}", code_name(s.code()), s.message()) }
+    }
+
+    pub async fn job_status(&mut self) -> Result<pb::JobStatusResponse, CoordError> {
+        match self.raw.job_status(pb::JobStatusRequest {}).await {
+            Ok(r) => Ok(r.into_inner()),
+            Err(s) => Err(self.error(s)),
+        }
+    }
+}
+
+fn code_name(c: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match c {
+        Ok => "ok",
+        Cancelled => "cancelled",
+        Unknown => "unknown",
+        InvalidArgument => "invalid argument",
+        DeadlineExceeded => "deadline exceeded",
+        NotFound => "not found",
+        AlreadyExists => "already exists",
+        PermissionDenied => "permission denied",
+        ResourceExhausted => "resource exhausted",
+        FailedPrecondition => "refused",
+        Aborted => "aborted",
+        OutOfRange => "out of range",
+        Unimplemented => "unimplemented",
+        Internal => "internal error",
+        Unavailable => "unavailable",
+        DataLoss => "data loss",
+        Unauthenticated => "unauthenticated",
+    }
+}
+
+fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// `qdistill status`: the job's state, one line per worker. Blocks.
+pub fn status(url: &str, token: &str) -> Result<String, CoordError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CoordError::Io { what: "tokio runtime".into(), source: e })?;
+    rt.block_on(async {
+        let opts = ConnectOptions { attempts: 3, ..ConnectOptions::default() };
+        let mut c = Client::connect(url, token, &opts).await?;
+        Ok(format_status(&c.job_status().await?))
+    })
+}
+
+pub fn format_status(s: &pb::JobStatusResponse) -> String {
+    let state = pb::JobState::try_from(s.state).map_or("?", |st| st.as_str_name());
+    let mut out = format!(
+        "job {} · {} · generation {} · {}/{} steps committed · last checkpoint {}\n{}\n",
+        s.job_id,
+        state.trim_start_matches("JOB_STATE_").to_lowercase(),
+        s.generation,
+        s.committed_steps,
+        s.total_steps,
+        s.last_checkpoint_step.map_or("none".to_string(), |c| format!("checkpoint-{c}")),
+        s.message
+    );
+    for (g, why) in s.ended_generations.iter().enumerate() {
+        out.push_str(&format!("  generation {} ended: {why}\n", g + 1));
+    }
+    for w in &s.workers {
+        let role = pb::Role::try_from(w.role).map_or("?", |r| r.as_str_name()).trim_start_matches("ROLE_").to_lowercase();
+        let role = if role == "unspecified" { "waiting".to_string() } else { format!("{role} rank {}", w.rank) };
+        out.push_str(&format!("  {:<24} {:<16} step {:<6} seen {} ms ago\n", w.worker_name, role, w.step, w.last_seen_ms_ago));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let o = ConnectOptions { initial_backoff: Duration::from_millis(100), max_backoff: Duration::from_millis(700), ..Default::default() };
+        let d: Vec<u128> = (0..6).map(|n| backoff(&o, n).as_millis()).collect();
+        assert_eq!(d, [100, 200, 400, 700, 700, 700]);
+        assert_eq!(backoff(&o, 1000), Duration::from_millis(700), "huge attempt counts do not overflow");
+    }
+}

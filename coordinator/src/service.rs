@@ -1,0 +1,652 @@
+//! The gRPC service `distill.v1.Coordinator` over [`Job`] and a [`CheckpointStore`],
+//! plus grpc.health.v1, and the functions that start and run it.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use qdistill_common::config::{ResumeFromCheckpoint, TrainConfig};
+use qdistill_proto::v1 as pb;
+use qdistill_proto::v1::coordinator_server::{Coordinator, CoordinatorServer};
+use qdistill_proto::{PROTOCOL_VERSION, TOKEN_METADATA_KEY};
+use tokio::sync::{mpsc, oneshot, Notify};
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::convert;
+use crate::plan::TeacherPlacement;
+use crate::state::{HeartbeatAction, Job, JobSpec, LedgerStep, Phase, Refusal, StepRecord};
+use crate::store::{CheckpointStore, FileDigest, LocalDirStore, StoreError};
+use crate::CoordError;
+
+/// Name of the ledger file the coordinator adds to every checkpoint.
+pub const LEDGER_FILE: &str = "qdistill_ledger.json";
+/// How long a stopping coordinator waits for open connections to close.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+/// Bytes per chunk of a checkpoint stream (well under gRPC's 4 MiB message limit).
+pub const CHUNK_BYTES: usize = 1 << 20;
+
+/// How the coordinator runs a job. Durations are wall-clock.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// The job's shared secret; workers send it as `x-qdistill-token`. Must not be empty.
+    pub token: String,
+    /// Workers the first generation waits for.
+    pub workers: usize,
+    /// Later generations start with at least this many after `reform_grace`
+    /// (default: as few as the teacher mode allows).
+    pub min_workers: Option<usize>,
+    /// Teacher ranks when the config has a separate teacher model.
+    pub teacher_ranks: usize,
+    /// Virtual data shards per step (default: the first generation's student count,
+    /// at most gradient_accumulation_steps). Fixes the gradient summation order.
+    pub shards: Option<usize>,
+    pub lease: Duration,
+    pub heartbeat_interval: Duration,
+    /// How long a new generation waits for all `workers` after one ended (default: one
+    /// lease).
+    pub reform_grace: Option<Duration>,
+    pub max_generations: u64,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        Self {
+            token: String::new(),
+            workers: 1,
+            min_workers: None,
+            teacher_ranks: 1,
+            shards: None,
+            lease: Duration::from_secs(30),
+            heartbeat_interval: Duration::from_secs(5),
+            reform_grace: None,
+            max_generations: 100,
+        }
+    }
+}
+
+/// A fresh random job token (128 bits, hex).
+pub fn generate_token() -> String {
+    format!("{:016x}{:016x}", rand::random::<u64>(), rand::random::<u64>())
+}
+
+/// The job a config describes. `total_steps` is the number of optimizer steps the
+/// single-process run would take on the same config and data.
+pub fn job_spec(cfg: &TrainConfig, total_steps: u64, opts: &ServeOptions) -> Result<JobSpec, CoordError> {
+    let g = cfg.training.gradient_accumulation_steps.max(1);
+    let placement = TeacherPlacement::from_mode(cfg.teacher.mode, opts.teacher_ranks);
+    if total_steps == 0 {
+        return Err(CoordError::Config("the job has no optimizer step to run".into()));
+    }
+    if opts.workers < placement.min_workers() {
+        return Err(CoordError::Config(format!(
+            "--workers {} is too few: this teacher mode needs at least {}",
+            opts.workers,
+            placement.min_workers()
+        )));
+    }
+    let teachers = match placement {
+        TeacherPlacement::Ranks(t) => t,
+        TeacherPlacement::InStudent => 0,
+    };
+    let shards = opts.shards.unwrap_or(opts.workers - teachers).clamp(1, g);
+    let lease_ms = opts.lease.as_millis() as u64;
+    Ok(JobSpec {
+        job_id: format!("{:08x}", rand::random::<u32>()),
+        config_toml: cfg.to_toml_string().map_err(|e| CoordError::Config(e.to_string()))?,
+        total_steps,
+        micro_batches_per_step: g,
+        shards,
+        placement,
+        save_steps: cfg.training.save_steps as u64,
+        expected_workers: opts.workers,
+        min_workers: opts.min_workers.unwrap_or(placement.min_workers()).max(placement.min_workers()),
+        reform_grace_ms: opts.reform_grace.map_or(lease_ms, |d| d.as_millis() as u64),
+        lease_ms,
+        heartbeat_interval_ms: opts.heartbeat_interval.as_millis() as u64,
+        max_generations: opts.max_generations,
+    })
+}
+
+struct Shared {
+    job: Mutex<Job>,
+    store: Arc<dyn CheckpointStore>,
+    started: Instant,
+    /// Woken on every step commit and generation change.
+    progress: Notify,
+    /// Sessions that were told the job is over.
+    told_stop: Mutex<HashSet<String>>,
+    save_total_limit: Option<usize>,
+    output_dir: PathBuf,
+    /// Two students may upload the same step (a save point and a shutdown); publishing
+    /// one at a time keeps the replace-by-rename of the store simple.
+    publish: Mutex<()>,
+}
+
+impl Shared {
+    fn now(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+    fn job(&self) -> MutexGuard<'_, Job> {
+        // A panic while holding the lock leaves the job as it was at the last completed
+        // call; the state machine has no multi-call invariants a half call could break.
+        self.job.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Metadata key on refusals that says which kind of refusal it is, so a worker can tell
+/// "the job is over, exit cleanly" from a real error without reading the message.
+pub const REFUSAL_METADATA_KEY: &str = "x-qdistill-refusal";
+
+fn refusal(r: Refusal) -> Status {
+    let msg = r.to_string();
+    match r {
+        Refusal::JobOver(_) => {
+            let mut md = tonic::metadata::MetadataMap::new();
+            md.insert(REFUSAL_METADATA_KEY, tonic::metadata::MetadataValue::from_static("job-over"));
+            Status::with_metadata(tonic::Code::FailedPrecondition, msg, md)
+        }
+        Refusal::ProtocolVersion { .. } => Status::failed_precondition(msg),
+        Refusal::UnknownSession(_) => Status::not_found(msg),
+        Refusal::StaleGeneration { .. } => Status::aborted(msg),
+        Refusal::Invalid(_) => Status::invalid_argument(msg),
+    }
+}
+
+fn store_error(e: StoreError) -> Status {
+    match e {
+        StoreError::Invalid { .. } => Status::invalid_argument(e.to_string()),
+        StoreError::Missing(_) => Status::not_found(e.to_string()),
+        StoreError::Io { .. } => Status::internal(e.to_string()),
+    }
+}
+
+/// Checks `x-qdistill-token` on every Coordinator call.
+#[derive(Clone)]
+pub struct TokenCheck {
+    token: Arc<Vec<u8>>,
+}
+
+impl tonic::service::Interceptor for TokenCheck {
+    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        let Some(got) = req.metadata().get(TOKEN_METADATA_KEY) else {
+            return Err(Status::unauthenticated(format!(
+                "no job token: send the coordinator's token in the `{TOKEN_METADATA_KEY}` metadata (qdistill worker --token)"
+            )));
+        };
+        // Constant time in the token's length, so timing does not leak a prefix.
+        let got = got.as_bytes();
+        let same = got.len() == self.token.len() && got.iter().zip(self.token.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
+        if same {
+            Ok(req)
+        } else {
+            Err(Status::unauthenticated("the job token does not match this coordinator's"))
+        }
+    }
+}
+
+/// The tonic service.
+#[derive(Clone)]
+pub struct CoordinatorService {
+    shared: Arc<Shared>,
+}
+
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::CheckpointChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Coordinator for CoordinatorService {
+    async fn register(&self, req: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
+        let req = req.into_inner();
+        let reg = convert::registration(req).map_err(refusal)?;
+        let now = self.shared.now();
+        let mut job = self.shared.job();
+        let gen_before = job.generation();
+        let phase_before = job.phase().clone();
+        let r = job.register(reg, now).map_err(refusal)?;
+        let job_id = job.spec().job_id.clone();
+        if job.phase() != &phase_before || job.generation() != gen_before {
+            self.shared.progress.notify_waiters();
+        }
+        Ok(Response::new(pb::RegisterResponse {
+            session_id: r.session_id,
+            protocol_version: PROTOCOL_VERSION,
+            job_id,
+            heartbeat_interval_ms: r.heartbeat_interval_ms as u32,
+            lease_ms: r.lease_ms as u32,
+        }))
+    }
+
+    async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let req = req.into_inner();
+        let now = self.shared.now();
+        let (action, message, generation) = {
+            let mut job = self.shared.job();
+            let phase_before = job.phase().clone();
+            let (a, m) = job.heartbeat(&req.session_id, req.generation, req.step, now);
+            if job.phase() != &phase_before {
+                self.shared.progress.notify_waiters();
+            }
+            (a, m, job.generation())
+        };
+        if action == HeartbeatAction::Stop {
+            self.shared.told_stop.lock().unwrap_or_else(|p| p.into_inner()).insert(req.session_id);
+        }
+        Ok(Response::new(pb::HeartbeatResponse { action: convert::heartbeat_action(action) as i32, generation, message }))
+    }
+
+    async fn get_work(&self, req: Request<pb::GetWorkRequest>) -> Result<Response<pb::GetWorkResponse>, Status> {
+        let req = req.into_inner();
+        let now = self.shared.now();
+        let (work, config_toml) = {
+            let mut job = self.shared.job();
+            let gen_before = job.generation();
+            let w = job.get_work(&req.session_id, now).map_err(refusal)?;
+            if job.generation() != gen_before {
+                self.shared.progress.notify_waiters();
+            }
+            (w, job.spec().config_toml.clone())
+        };
+        if matches!(work, crate::state::Work::Stop { .. }) {
+            self.shared.told_stop.lock().unwrap_or_else(|p| p.into_inner()).insert(req.session_id);
+        }
+        Ok(Response::new(convert::work(work, &config_toml)))
+    }
+
+    async fn step_commit(&self, req: Request<pb::StepCommitRequest>) -> Result<Response<pb::StepCommitResponse>, Status> {
+        let req = req.into_inner();
+        let now = self.shared.now();
+        let rec = StepRecord {
+            student_rank: req.student_rank as usize,
+            micro_batches: req.micro_batches,
+            sample_ids: req.sample_ids,
+            ce_sum: req.ce_sum,
+            kd_sum: req.kd_sum,
+            target_tokens: req.target_tokens,
+            grad_norm: req.grad_norm,
+            learning_rate: req.learning_rate,
+        };
+        let ack = self.shared.job().step_commit(&req.session_id, req.generation, req.step, rec, now).map_err(refusal)?;
+        self.shared.progress.notify_waiters();
+        Ok(Response::new(pb::StepCommitResponse {
+            committed: ack.committed,
+            checkpoint_requested: ack.checkpoint_requested,
+            action: pb::HeartbeatAction::Continue as i32,
+        }))
+    }
+
+    async fn upload_checkpoint(&self, req: Request<Streaming<pb::CheckpointChunk>>) -> Result<Response<pb::UploadCheckpointResponse>, Status> {
+        let mut stream = req.into_inner();
+        let header = match stream.message().await? {
+            Some(pb::CheckpointChunk { kind: Some(pb::checkpoint_chunk::Kind::Header(h)) }) => h,
+            _ => return Err(Status::invalid_argument("a checkpoint stream must start with its header")),
+        };
+        let step = header.step;
+        self.shared.job().begin_checkpoint(&header.session_id, header.generation, step, self.shared.now()).map_err(refusal)?;
+        let mut writer = self.shared.store.begin(step).map_err(store_error)?;
+        let trailer = loop {
+            match stream.message().await? {
+                Some(pb::CheckpointChunk { kind: Some(pb::checkpoint_chunk::Kind::File(f)) }) => {
+                    if f.path == LEDGER_FILE {
+                        return Err(Status::invalid_argument(format!("{LEDGER_FILE} is written by the coordinator")));
+                    }
+                    writer.write(&f.path, f.offset, &f.data).map_err(store_error)?;
+                }
+                Some(pb::CheckpointChunk { kind: Some(pb::checkpoint_chunk::Kind::Trailer(t)) }) => break t,
+                Some(_) => return Err(Status::invalid_argument("unexpected message in a checkpoint stream (a second header, or an empty chunk)")),
+                None => return Err(Status::invalid_argument(format!("checkpoint-{step}: the stream ended before its trailer"))),
+            }
+        };
+        let mut expected: Vec<FileDigest> = trailer.files.iter().map(convert::digest).collect::<Result<_, _>>().map_err(Status::invalid_argument)?;
+        // The checkpoint is only valid once every student committed its steps, which can
+        // trail rank 0's upload by a moment; wait for that, not for ever.
+        let ledger = self.wait_for_ledger(step, header.generation).await?;
+        let ledger_bytes = serde_json::to_vec_pretty(&ledger).map_err(|e| Status::internal(e.to_string()))?;
+        writer.write(LEDGER_FILE, 0, &ledger_bytes).map_err(store_error)?;
+        expected.push(FileDigest::of(LEDGER_FILE, &ledger_bytes));
+        let total = self.shared.job().spec().total_steps;
+        let bytes = {
+            let _one_at_a_time = self.shared.publish.lock().unwrap_or_else(|p| p.into_inner());
+            let bytes = writer.commit(&expected).map_err(store_error)?;
+            if step == total {
+                self.shared.store.finalize(step).map_err(store_error)?;
+                self.write_job_ledger().map_err(|e| Status::internal(e.to_string()))?;
+            }
+            self.prune(step);
+            bytes
+        };
+        {
+            let mut job = self.shared.job();
+            job.checkpoint_stored(step);
+            tracing::info!(step, bytes, phase = ?job.phase(), "checkpoint stored");
+        }
+        self.shared.progress.notify_waiters();
+        Ok(Response::new(pb::UploadCheckpointResponse { step, bytes }))
+    }
+
+    type DownloadCheckpointStream = ChunkStream;
+
+    async fn download_checkpoint(&self, req: Request<pb::DownloadCheckpointRequest>) -> Result<Response<ChunkStream>, Status> {
+        let req = req.into_inner();
+        {
+            let job = self.shared.job();
+            let st = job.status(self.shared.now());
+            if !st.workers.iter().any(|w| w.session_id == req.session_id) {
+                return Err(refusal(Refusal::UnknownSession(req.session_id)));
+            }
+        }
+        let step = req.step;
+        let files = self.shared.store.files(step).map_err(store_error)?;
+        let store = self.shared.store.clone();
+        let (tx, rx) = mpsc::channel(4);
+        tokio::task::spawn_blocking(move || {
+            let send = |kind| tx.blocking_send(Ok(pb::CheckpointChunk { kind: Some(kind) })).is_ok();
+            if !send(pb::checkpoint_chunk::Kind::Header(pb::CheckpointHeader { session_id: String::new(), generation: 0, step })) {
+                return;
+            }
+            let mut digests = Vec::new();
+            for path in files {
+                let mut r = match store.open(step, &path) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(store_error(e)));
+                        return;
+                    }
+                };
+                let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
+                let mut offset = 0u64;
+                loop {
+                    let mut buf = vec![0u8; CHUNK_BYTES];
+                    let n = match read_full(&mut r, &mut buf) {
+                        Ok(n) => n,
+                        Err(e) => {
+                            let _ = tx.blocking_send(Err(Status::internal(format!("checkpoint-{step}/{path}: {e}"))));
+                            return;
+                        }
+                    };
+                    buf.truncate(n);
+                    sha2::Digest::update(&mut hasher, &buf);
+                    // Empty files still need one chunk so the receiver creates them.
+                    if n > 0 || offset == 0 {
+                        let chunk = pb::FileChunk { path: path.clone(), offset, data: buf };
+                        if !send(pb::checkpoint_chunk::Kind::File(chunk)) {
+                            return;
+                        }
+                    }
+                    offset += n as u64;
+                    if n < CHUNK_BYTES {
+                        break;
+                    }
+                }
+                digests.push(pb::FileDigest { path, size: offset, sha256: sha2::Digest::finalize(hasher).to_vec() });
+            }
+            let _ = send(pb::checkpoint_chunk::Kind::Trailer(pb::CheckpointTrailer { files: digests }));
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx)) as ChunkStream))
+    }
+
+    async fn job_status(&self, _req: Request<pb::JobStatusRequest>) -> Result<Response<pb::JobStatusResponse>, Status> {
+        let st = self.shared.job().status(self.shared.now());
+        Ok(Response::new(convert::status(st)))
+    }
+}
+
+fn read_full(r: &mut dyn std::io::Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+impl CoordinatorService {
+    async fn wait_for_ledger(&self, step: u64, generation: u64) -> Result<Vec<LedgerStep>, Status> {
+        let lease = Duration::from_millis(self.shared.job().spec().lease_ms);
+        let deadline = tokio::time::Instant::now() + 2 * lease;
+        loop {
+            let notified = self.shared.progress.notified();
+            {
+                let job = self.shared.job();
+                if job.generation() != generation || job.phase() != &Phase::Running {
+                    return Err(Status::aborted(format!("generation {generation} ended before checkpoint-{step} was committed")));
+                }
+                if let Some(l) = job.ledger_before(step) {
+                    return Ok(l);
+                }
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(Status::deadline_exceeded(format!("checkpoint-{step}: not every student committed step {} in time", step - 1)));
+            }
+        }
+    }
+
+    fn write_job_ledger(&self) -> std::io::Result<()> {
+        let (ledger, rolled_back) = {
+            let job = self.shared.job();
+            (job.ledger().to_vec(), job.rolled_back().to_vec())
+        };
+        let doc = serde_json::json!({ "steps": ledger, "rolled_back": rolled_back });
+        let path = self.shared.output_dir.join("ledger.json");
+        let tmp = self.shared.output_dir.join(".ledger.json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&doc)?)?;
+        std::fs::File::open(&tmp)?.sync_all()?;
+        std::fs::rename(&tmp, &path)
+    }
+
+    /// Keeps the newest `save_total_limit` checkpoints, as HF does.
+    fn prune(&self, newest: u64) {
+        let Some(limit) = self.shared.save_total_limit else { return };
+        let Ok(steps) = self.shared.store.list() else { return };
+        let keep_from = steps.len().saturating_sub(limit.max(1));
+        for &s in &steps[..keep_from] {
+            if s != newest {
+                if let Err(e) = self.shared.store.remove(s) {
+                    tracing::warn!("pruning checkpoint-{s}: {e}");
+                }
+            }
+        }
+    }
+}
+
+/// What a finished job reports.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub phase: Phase,
+    pub committed_steps: u64,
+    pub generation: u64,
+    pub output_dir: PathBuf,
+    /// Why each earlier generation ended, oldest first.
+    pub ended_generations: Vec<String>,
+}
+
+/// A coordinator serving in the background of a tokio runtime.
+pub struct RunningCoordinator {
+    addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<Outcome, CoordError>>,
+}
+
+impl RunningCoordinator {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+    /// The URL workers connect to.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+    /// Stops serving now, whatever the job's state.
+    pub fn shutdown(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+    /// Runs until the job is over and every worker was told so (or its lease ran out),
+    /// or until [`Self::shutdown`].
+    pub async fn wait(self) -> Result<Outcome, CoordError> {
+        self.task.await.map_err(|e| CoordError::Config(format!("coordinator task: {e}")))?
+    }
+}
+
+/// Where the job starts: from scratch, or from a checkpoint the store already has.
+fn initial_state(cfg: &TrainConfig, store: &dyn CheckpointStore) -> Result<Option<(u64, Vec<LedgerStep>)>, CoordError> {
+    let stored = store.list()?;
+    let step = match (&cfg.training.resume_from_checkpoint, stored.last()) {
+        (None, None) => return Ok(None),
+        (None, Some(&s)) => {
+            return Err(CoordError::Config(format!(
+                "{} already holds checkpoint-{s}; set training.resume_from_checkpoint = true to continue that run, or pick another output_dir",
+                cfg.output_dir.display()
+            )))
+        }
+        (Some(ResumeFromCheckpoint::Latest), None) => return Ok(None),
+        (Some(ResumeFromCheckpoint::Latest), Some(&s)) => s,
+        (Some(ResumeFromCheckpoint::Path(p)), _) => {
+            let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let inside = p.parent().is_some_and(|d| d == cfg.output_dir);
+            match name.strip_prefix("checkpoint-").and_then(|n| n.parse::<u64>().ok()) {
+                Some(s) if inside && stored.contains(&s) => s,
+                _ => {
+                    return Err(CoordError::Config(format!(
+                        "cluster runs resume from a checkpoint-N directory in output_dir ({}); {} is not one",
+                        cfg.output_dir.display(),
+                        p.display()
+                    )))
+                }
+            }
+        }
+    };
+    let mut text = String::new();
+    let ledger: Vec<LedgerStep> = match store.open(step, LEDGER_FILE) {
+        Ok(mut r) => {
+            r.read_to_string(&mut text).map_err(|e| CoordError::Config(format!("checkpoint-{step}/{LEDGER_FILE}: {e}")))?;
+            serde_json::from_str(&text).map_err(|e| CoordError::Config(format!("checkpoint-{step}/{LEDGER_FILE}: {e}")))?
+        }
+        // A checkpoint written by a single-process run has no ledger.
+        Err(_) => Vec::new(),
+    };
+    Ok(Some((step, ledger)))
+}
+
+use std::io::Read as _;
+
+/// Starts serving `cfg`'s job on `listener` (inside a tokio runtime).
+pub async fn start(cfg: &TrainConfig, total_steps: u64, listener: tokio::net::TcpListener, opts: ServeOptions) -> Result<RunningCoordinator, CoordError> {
+    if opts.token.is_empty() {
+        return Err(CoordError::Config("the job token is empty; pass --token (or let the CLI generate one)".into()));
+    }
+    let spec = job_spec(cfg, total_steps, &opts)?;
+    let store: Arc<dyn CheckpointStore> = Arc::new(LocalDirStore::new(&cfg.output_dir)?);
+    let resume = initial_state(cfg, store.as_ref())?;
+    let lease = opts.lease;
+    let tick = (lease / 4).clamp(Duration::from_millis(20), Duration::from_millis(500));
+    let shared = Arc::new(Shared {
+        job: Mutex::new(Job::new(spec, resume, 0)),
+        store,
+        started: Instant::now(),
+        progress: Notify::new(),
+        told_stop: Mutex::new(HashSet::new()),
+        save_total_limit: cfg.training.save_total_limit,
+        output_dir: cfg.output_dir.clone(),
+        publish: Mutex::new(()),
+    });
+    let addr = listener.local_addr().map_err(|e| CoordError::Io { what: "listening socket".into(), source: e })?;
+    let svc = CoordinatorServer::with_interceptor(CoordinatorService { shared: shared.clone() }, TokenCheck { token: Arc::new(opts.token.into_bytes()) });
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter.set_serving::<CoordinatorServer<CoordinatorService>>().await;
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let watcher = shared.clone();
+    let task = tokio::spawn(async move {
+        // Leases run out even when nobody calls, and a finished job lingers until every
+        // worker heard that it is over (or could no longer be waiting for an answer).
+        let done = async {
+            let mut over_since: Option<u64> = None;
+            loop {
+                tokio::time::sleep(tick).await;
+                let now = watcher.now();
+                let mut job = watcher.job();
+                let gen = job.generation();
+                job.expire(now);
+                if job.generation() != gen || job.phase() == &Phase::Forming {
+                    watcher.progress.notify_waiters();
+                }
+                if matches!(job.phase(), Phase::Done | Phase::Failed(_)) {
+                    let since = *over_since.get_or_insert(now);
+                    let told = watcher.told_stop.lock().unwrap_or_else(|p| p.into_inner());
+                    let all_told = job.status(now).workers.iter().all(|w| told.contains(&w.session_id));
+                    if all_told || now - since >= job.spec().lease_ms {
+                        return;
+                    }
+                }
+            }
+        };
+        let (fired_tx, fired_rx) = oneshot::channel::<()>();
+        let signal = async move {
+            tokio::select! {
+                _ = done => {}
+                _ = stop_rx => {}
+            }
+            let _ = fired_tx.send(());
+        };
+        let server = tonic::transport::Server::builder()
+            .add_service(health)
+            .add_service(svc)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+        // A graceful shutdown waits for every connection to close; a hung worker never
+        // closes its own, so after a grace period the rest are dropped.
+        let grace = async {
+            if fired_rx.await.is_ok() {
+                tokio::time::sleep(SHUTDOWN_GRACE).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            r = server => r.map_err(|e| CoordError::Transport(e.to_string()))?,
+            _ = grace => tracing::warn!("connections still open {SHUTDOWN_GRACE:?} after shutdown began; closing them"),
+        }
+        let job = shared.job();
+        let st = job.status(shared.now());
+        Ok(Outcome {
+            phase: st.phase,
+            committed_steps: st.committed_steps,
+            generation: st.generation,
+            output_dir: shared.output_dir.clone(),
+            ended_generations: st.ended_generations,
+        })
+    });
+    tracing::info!(%addr, "coordinator listening");
+    Ok(RunningCoordinator { addr, shutdown: Some(stop_tx), task })
+}
+
+/// `qdistill coordinator`: serves `cfg`'s job on `addr` until it is over, or until Ctrl-C
+/// / SIGTERM. Blocks; builds its own runtime.
+pub fn serve(cfg: &TrainConfig, total_steps: u64, addr: &str, opts: ServeOptions) -> Result<Outcome, CoordError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| CoordError::Io { what: "tokio runtime".into(), source: e })?;
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| CoordError::Io { what: format!("binding {addr}"), source: e })?;
+        let mut running = start(cfg, total_steps, listener, opts).await?;
+        let stop = running.shutdown.take();
+        let on_signal = tokio::spawn(async move {
+            crate::shutdown_signal().await;
+            tracing::warn!("signal received; the coordinator stops (checkpoints are on disk; restart it with resume_from_checkpoint = true)");
+            if let Some(tx) = stop {
+                let _ = tx.send(());
+            }
+        });
+        let r = running.wait().await;
+        on_signal.abort();
+        r
+    })
+}

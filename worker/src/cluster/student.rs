@@ -1,0 +1,156 @@
+//! The student role in a generation. Every student walks the whole seeded data stream (so
+//! all agree on each step's batches and on the token count that normalises the gradient),
+//! trains only its shard of each step's microbatches, and adds its partial sums into the
+//! ordered all-reduce; then every student applies the identical optimizer step.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
+
+use anyhow::Context;
+use qdistill_common::collective::{ordered_all_reduce, Collective, SubGroup, TcpCollective, CHAIN_CHUNK};
+use qdistill_common::config::{self, Quantization, TeacherMode, TrainConfig};
+use qdistill_common::data::Batcher;
+use qdistill_common::optim::lr_at;
+use qdistill_coordinator::state::{Assignment, Role};
+use qdistill_proto::v1 as pb;
+use tonic::Code;
+
+use super::{ckpt, scheduler, wire, RoleCtx, RoleEnd, RoleError};
+use crate::models;
+use crate::run::{prepare, Prepared};
+use crate::trainer::{dropout_seed, teacher_hidden, DeviceBatch, LossSums, Teacher};
+
+/// Tells a teacher that this student finished a step, so it may compute one more ahead.
+pub const CREDIT: &[u8] = &[1];
+
+pub(crate) fn run(ctx: &RoleCtx, a: &Assignment, cfg: &TrainConfig) -> Result<RoleEnd, RoleError> {
+    let teacher_ranks: Vec<usize> = a.peers.iter().filter(|p| p.role == Role::Teacher).map(|p| p.rank).collect();
+    // The teacher's weights live on the teacher ranks; this side only needs its LM head
+    // (hidden-state outputs are turned into logits inside the student's fused loss).
+    // Preparing as LwF keeps every other choice (LoRA init, loss weights, data, optimizer)
+    // exactly as the single-process run makes it.
+    let remote_teacher = cfg.teacher.mode == TeacherMode::Model;
+    if remote_teacher && teacher_ranks.is_empty() {
+        return Err(RoleError::Fatal(anyhow::anyhow!("the config has a teacher model but generation {} has no teacher rank", a.generation)));
+    }
+    let mut local = cfg.clone();
+    if remote_teacher {
+        local.teacher.mode = TeacherMode::Lwf;
+    }
+    let Prepared { mut student, teacher, data, device } = prepare(&local)?;
+    let teacher = if remote_teacher {
+        let spec = cfg.teacher.model_name_or_path.as_deref().unwrap_or(&cfg.model.model_name_or_path);
+        let path = config::resolve_model_path(spec, None, None).map_err(anyhow::Error::from)?;
+        let head = models::load(&path, Some(Vec::new()), cfg.teacher.quantization == Quantization::Nf4, true, &device, student.model.dtype())
+            .with_context(|| format!("loading the LM head of teacher {}", path.display()))?;
+        Teacher::Model(head.model)
+    } else {
+        teacher
+    };
+    let t = &cfg.training;
+    let g = t.gradient_accumulation_steps;
+    if a.plan.micro_batches_per_step != g {
+        return Err(RoleError::Fatal(anyhow::anyhow!(
+            "the plan has {} microbatches per step, the config {g}",
+            a.plan.micro_batches_per_step
+        )));
+    }
+    let total = a.total_steps;
+    let warmup = t.num_warmup_steps(total as usize) as u64;
+
+    let tmp = tempfile::tempdir().context("creating a temp dir for checkpoints")?;
+    let mut stream = if a.resume {
+        let dir = ckpt::download(ctx.rpc, &ctx.session.id, a.start_step, tmp.path())?;
+        let (step, cursor) = ckpt::load(&dir, &mut student)?;
+        if step != a.start_step {
+            return Err(RoleError::Fatal(anyhow::anyhow!("checkpoint-{} says it holds {step} steps", a.start_step)));
+        }
+        Batcher::resume(data.train.clone(), data.opts.clone(), cursor)?
+    } else {
+        data.train_stream()?
+    };
+
+    let addrs: Vec<String> = a.peers.iter().map(|p| p.collective_addr.clone()).collect();
+    let mesh = TcpCollective::connect_cancellable(a.rank, &addrs, ctx.listener, a.generation, ctx.opts.collective_timeout, &|| ctx.cancelled())
+        .map_err(RoleError::lost)?;
+    ctx.session.shared.set_abort(mesh.abort_handle());
+    let students: Vec<usize> = a.peers.iter().filter(|p| p.role == Role::Student).map(|p| p.rank).collect();
+    let group = SubGroup::new(&mesh, students)?;
+    let my_shards = a.plan.shards_of(a.role_rank);
+    let my_teachers: BTreeSet<usize> = my_shards.iter().flat_map(|(_, ms)| ms.iter()).filter_map(|&k| a.plan.micros[k].teacher_rank).collect();
+    let n_params = student.params.len();
+
+    for step in a.start_step..total {
+        ctx.check()?;
+        let batches: Vec<_> = (0..g).map(|_| stream.next_batch()).collect();
+        let n_target: usize = batches.iter().map(|b| b.n_target_tokens).sum();
+        let scale = 1.0 / n_target.max(1) as f64;
+        let mut sums = LossSums::default();
+        let mut partials: Vec<Vec<f32>> = Vec::with_capacity(my_shards.len());
+        let mut trained = Vec::new();
+        let mut sample_ids = Vec::new();
+        for (_, micros) in &my_shards {
+            for &k in micros {
+                let db = DeviceBatch::new(&batches[k], &device)?;
+                let h_t = match a.plan.micros[k].teacher_rank {
+                    Some(tr) => {
+                        let bytes = mesh.recv(tr).map_err(RoleError::lost)?;
+                        Some(wire::decode(&bytes, &device, student.model.dtype(), tr)?)
+                    }
+                    None => teacher_hidden(&teacher, &student.model, &db)?,
+                };
+                let s = student.micro_step(&db, &teacher, h_t.as_ref(), scale, dropout_seed(cfg.seed, step, k as u64))?;
+                sums.add(&s);
+                trained.push(step * g as u64 + k as u64);
+                sample_ids.extend_from_slice(&batches[k].sample_ids);
+            }
+            partials.push(std::mem::replace(&mut student.grads.flat, vec![0.0; n_params]));
+        }
+        let parts: Vec<&[f32]> = partials.iter().map(|p| p.as_slice()).collect();
+        ordered_all_reduce(&group, &parts, &mut student.grads.flat, CHAIN_CHUNK).map_err(RoleError::lost)?;
+        let lr = lr_at(scheduler(t.lr_scheduler_type), t.learning_rate, step, warmup, total);
+        let grad_norm = student.optimizer_step(lr, t.max_grad_norm)?;
+        for &tr in &my_teachers {
+            mesh.send(tr, CREDIT).map_err(RoleError::lost)?;
+        }
+        let req = pb::StepCommitRequest {
+            session_id: ctx.session.id.clone(),
+            generation: a.generation,
+            step,
+            student_rank: a.role_rank as u32,
+            ce_sum: sums.ce,
+            kd_sum: sums.kd,
+            target_tokens: sums.tokens as u64,
+            grad_norm,
+            learning_rate: lr,
+            micro_batches: trained,
+            sample_ids,
+        };
+        let ack = match ctx.rpc.call(|mut c| {
+            let req = req.clone();
+            async move { c.step_commit(req).await }
+        }) {
+            Ok(ack) => ack,
+            Err(s) if matches!(s.code(), Code::Aborted | Code::NotFound | Code::Unavailable) => return Err(RoleError::Lost(s.message().to_string())),
+            Err(s) if s.code() == Code::FailedPrecondition => return Err(RoleError::Stopped),
+            Err(s) => return Err(RoleError::Fatal(ctx.rpc.error(s).context(format!("committing step {step}")))),
+        };
+        ctx.session.shared.step.store(step + 1, Ordering::SeqCst);
+        if a.role_rank == 0 && step % t.logging_steps.max(1) as u64 == 0 {
+            tracing::info!(step = step + 1, ce = sums.ce_mean(), kd = sums.kd_mean(), lr, grad_norm, "train (student rank 0's shard)");
+        }
+        let terminating = ctx.terminating();
+        if ack.checkpoint_requested || terminating {
+            let dir = tmp.path().join(format!("save-{}", step + 1));
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            ckpt::save(&dir, &student, cfg, step + 1, total, stream.cursor())?;
+            let bytes = ckpt::upload(ctx.rpc, &ctx.session.id, a.generation, step + 1, &dir)?;
+            std::fs::remove_dir_all(&dir).ok();
+            tracing::info!(bytes, "checkpoint-{} uploaded", step + 1);
+        }
+        if terminating {
+            return Ok(RoleEnd::Terminated);
+        }
+    }
+    Ok(RoleEnd::Finished)
+}
