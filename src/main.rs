@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -38,6 +39,70 @@ enum Command {
         #[arg(long)]
         no_progress: bool,
     },
+    /// Serve a job as the cluster coordinator: plans shards and roles, tracks leases,
+    /// commits steps, stores checkpoints, re-forms the group when a worker dies.
+    Coordinator {
+        /// The job config (the same file `train` takes).
+        config: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// gRPC listen address.
+        #[arg(long, default_value = "0.0.0.0:50051")]
+        listen: String,
+        /// Workers the first generation waits for.
+        #[arg(long)]
+        workers: usize,
+        /// Workers a later generation may start with after a failure (default: as few as
+        /// the teacher mode allows).
+        #[arg(long)]
+        min_workers: Option<usize>,
+        /// Teacher ranks when the job has a separate teacher model.
+        #[arg(long, default_value_t = 1)]
+        teacher_ranks: usize,
+        /// Virtual data shards per step; fixes the gradient summation order, so the result
+        /// does not depend on how many students survive (default: first student count).
+        #[arg(long)]
+        shards: Option<usize>,
+        /// Seconds without a heartbeat after which a worker is declared dead.
+        #[arg(long, default_value_t = 30.0)]
+        lease: f64,
+        /// Seconds between worker heartbeats.
+        #[arg(long, default_value_t = 5.0)]
+        heartbeat: f64,
+        /// Generations after which the job gives up.
+        #[arg(long, default_value_t = 100)]
+        max_generations: u64,
+        /// The job's shared secret (a fresh one is generated and printed when absent).
+        #[arg(long, env = "QDISTILL_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+    },
+    /// Run a cluster worker: registers with the coordinator and takes the role it is given.
+    Worker {
+        /// e.g. http://coordinator:50051
+        #[arg(long)]
+        coordinator: String,
+        #[arg(long, env = "QDISTILL_TOKEN", hide_env_values = true)]
+        token: String,
+        /// Name in logs and status (default: host:pid).
+        #[arg(long)]
+        name: Option<String>,
+        /// Where this worker accepts its peers' collective connections (port 0: any).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        collective_listen: String,
+        /// The address peers dial (required when listening on 0.0.0.0).
+        #[arg(long)]
+        collective_advertise: Option<String>,
+        /// This worker's device, overriding the config's (cpu, cuda:N).
+        #[arg(long)]
+        device: Option<String>,
+    },
+    /// Show a running job's progress.
+    Status {
+        #[arg(long)]
+        coordinator: String,
+        #[arg(long, env = "QDISTILL_TOKEN", hide_env_values = true)]
+        token: String,
+    },
     /// Print a model's resolved architecture (from config.json or GGUF metadata).
     Info {
         /// HF model directory, .safetensors file or .gguf file.
@@ -68,6 +133,55 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let summary = qdistill_worker::run::train(&config, &overrides, !no_progress)
                 .with_context(|| format!("training with {}", config.display()))?;
             println!("{}", summary.table());
+            Ok(())
+        }
+        Command::Coordinator {
+            config,
+            overrides,
+            listen,
+            workers,
+            min_workers,
+            teacher_ranks,
+            shards,
+            lease,
+            heartbeat,
+            max_generations,
+            token,
+        } => {
+            let token = token.unwrap_or_else(|| {
+                let t = qdistill_coordinator::generate_token();
+                eprintln!("job token (pass it to workers as --token or QDISTILL_TOKEN): {t}");
+                t
+            });
+            let opts = qdistill_coordinator::ServeOptions {
+                token,
+                workers,
+                min_workers,
+                teacher_ranks,
+                shards,
+                lease: Duration::from_secs_f64(lease),
+                heartbeat_interval: Duration::from_secs_f64(heartbeat),
+                reform_grace: None,
+                max_generations,
+            };
+            let outcome = qdistill_worker::cluster::serve_coordinator(&config, &overrides, &listen, opts)?;
+            println!("{outcome:#?}");
+            Ok(())
+        }
+        Command::Worker { coordinator, token, name, collective_listen, collective_advertise, device } => {
+            let mut opts = qdistill_worker::cluster::WorkerOptions::new(coordinator, token);
+            opts.name = name;
+            opts.collective_listen = collective_listen;
+            opts.collective_advertise = collective_advertise;
+            opts.device = device
+                .map(|d| qdistill_common::config::Device::parse(&d).map_err(anyhow::Error::msg))
+                .transpose()?;
+            let exit = qdistill_worker::cluster::run_worker(opts)?;
+            println!("{exit:?}");
+            Ok(())
+        }
+        Command::Status { coordinator, token } => {
+            println!("{}", qdistill_worker::cluster::status(&coordinator, &token)?);
             Ok(())
         }
         Command::Info { model } => {

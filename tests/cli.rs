@@ -80,7 +80,7 @@ fn help_documents_every_subcommand() {
     let o = qdistill(&["--help"]);
     assert!(o.status.success());
     let text = String::from_utf8_lossy(&o.stdout);
-    for sub in ["train", "info"] {
+    for sub in ["train", "coordinator", "worker", "status", "info"] {
         assert!(text.contains(sub), "--help does not mention `{sub}`:\n{text}");
     }
     let o = qdistill(&["train", "--help"]);
