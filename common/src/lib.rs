@@ -10,6 +10,8 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod error;
+#[cfg(feature = "cuda")]
+pub mod kernels;
 pub mod lora;
 pub mod loss;
 pub mod model;
