@@ -88,6 +88,9 @@ pub enum BenchCase {
     /// Forward KL with both LM heads applied inside the fused loss, returning dL/dh:
     /// `tokens × hidden` hidden states, `vocab × hidden` heads.
     FusedKl { tokens: usize, vocab: usize, hidden: usize, chunk_tokens: usize },
+    /// Where one decoder block's time goes: each op of the forward and backward timed on
+    /// its own at the shape's sizes (bf16 base GEMMs, attention, norms, RoPE, SwiGLU).
+    BlockProfile { shape: ModelShape, batch: usize, seq: usize },
     /// bf16 `n³` matmul through candle/cuBLAS: the compute ceiling.
     Matmul { n: usize },
     /// Device-to-device copy of `bytes`: the bandwidth ceiling (read + write counted).
@@ -112,6 +115,7 @@ impl BenchCase {
             BenchCase::FusedKl { tokens, vocab, chunk_tokens, .. } => {
                 format!("fused fwd-KL T={tokens} V={vocab} chunk={chunk_tokens}")
             }
+            BenchCase::BlockProfile { shape, batch, seq } => format!("block profile {} {batch}x{seq}", shape.name()),
             BenchCase::Matmul { n } => format!("bf16 matmul {n}^3"),
             BenchCase::Copy { bytes } => format!("d2d copy {} MiB", bytes >> 20),
         }
@@ -153,6 +157,11 @@ impl BenchSpec {
                     cases.push(BenchCase::Student { shape, nf4, batch: b, seq: s, checkpointing: false });
                     cases.push(BenchCase::Student { shape, nf4, batch: 2 * b, seq: s, checkpointing: true });
                 }
+            }
+        }
+        for &shape in shapes {
+            if shape != ModelShape::Tiny {
+                cases.push(BenchCase::BlockProfile { shape, batch: 2, seq: 2048 });
             }
         }
         cases.push(BenchCase::Nf4Dequant { rows: 14336, cols: 4096 });
@@ -469,19 +478,42 @@ fn run_case(spec: &BenchSpec, case: &BenchCase, model: Option<&mut Model>, probe
             let (ids, pos, labels) = random_batch(batch, seq, model.cfg.vocab_size, spec.seed, device)?;
             let n_valid = labels.iter().filter(|&&l| l >= 0).count();
             let mut last_loss = 0f64;
-            let mut step = || -> anyhow::Result<()> {
+            // One step; with `phases`, synchronised after each part to split its time
+            // (adapter upload, forward, fused loss, backward incl. gradient copies, AdamW).
+            let mut step = |phases: Option<&mut [f64; 5]>| -> anyhow::Result<()> {
+                let mut marks = [0f64; 5];
+                let mut t = Instant::now();
+                let mut mark = |i: usize, on: bool| -> anyhow::Result<()> {
+                    if on {
+                        device.synchronize()?;
+                        marks[i] = t.elapsed().as_secs_f64() * 1e3;
+                        t = Instant::now();
+                    }
+                    Ok(())
+                };
+                let on = phases.is_some();
                 let lora = params.to_device(device, model.dtype())?;
+                mark(0, on)?;
                 let ctx = StepCtx { position_ids: &pos, segment_ids: None, lora: Some(&lora), dropout_seed: Some(0) };
                 let (h, saved) = model.forward_train(&ids, &ctx, checkpointing)?;
+                mark(1, on)?;
                 let out =
                     fused_linear_distill(&h, model.lm_head(), &labels, TeacherOutput::None, &loss, 1.0 / n_valid as f64)?;
+                mark(2, on)?;
                 model.backward(&out.dh, saved, &ctx, &params, &mut grads)?;
+                mark(3, on)?;
                 opt.step(&mut params.values, &grads.flat, 1e-4)?;
                 grads.zero();
+                mark(4, on)?;
                 last_loss = out.ce_sum / n_valid as f64;
+                if let Some(p) = phases {
+                    *p = marks;
+                }
                 Ok(())
             };
-            let (ms, peak) = timed(device, probe, spec.warmup, spec.iters, &mut step)?;
+            let (ms, peak) = timed(device, probe, spec.warmup, spec.iters, || step(None))?;
+            let mut phases = [0f64; 5];
+            step(Some(&mut phases))?;
             drop(step);
             if !last_loss.is_finite() {
                 return Err(anyhow!("loss is {last_loss}"));
@@ -489,13 +521,18 @@ fn run_case(spec: &BenchSpec, case: &BenchCase, model: Option<&mut Model>, probe
             let tokens = (batch * seq) as f64;
             let n_params = model_params(&model.cfg);
             let mfu = 4.0 * n_params * tokens / (ms / 1e3) / 989e12 * 100.0;
+            let [up, fwd, lossms, bwd, adam] = phases;
+            let note = format!(
+                "MFU(4N) {mfu:.1}%, CE {last_loss:.3}, {} adapter params; ms: upload {up:.0}, fwd {fwd:.0}, loss {lossms:.0}, bwd {bwd:.0}, adamw {adam:.0}",
+                params.len()
+            );
             Ok(row(
                 case,
                 tokens / (ms / 1e3),
                 "tok/s",
                 ms,
                 peak,
-                format!("MFU(4N) {mfu:.1}%, CE {last_loss:.3}, {} adapter params", params.len()),
+                note,
             ))
         }
         BenchCase::Teacher { batch, seq, .. } => {
@@ -539,6 +576,7 @@ fn run_case(spec: &BenchSpec, case: &BenchCase, model: Option<&mut Model>, probe
             };
             Ok(row(case, 0.0, "", ms, above, format!("peak is above the inputs; forward KL {kd:.4}; computes CE too (weight 0)")))
         }
+        BenchCase::BlockProfile { shape, batch, seq } => block_profile(spec, case, shape, batch, seq, probe),
         BenchCase::Matmul { n } => {
             let dt = bench_dtype(device);
             let a = Tensor::randn(0f32, 1.0, (n, n), device)?.to_dtype(dt)?;
@@ -562,6 +600,88 @@ fn run_case(spec: &BenchSpec, case: &BenchCase, model: Option<&mut Model>, probe
             Ok(row(case, gbs, "GB/s", ms, peak, "bytes read + written".into()))
         }
     }
+}
+
+/// Times each op of one decoder block in isolation. The note lists milliseconds per op
+/// (forward, then backward) and their sum; ×layers approximates the model's block time
+/// without the framework overhead between ops, which the student-step row includes.
+fn block_profile(spec: &BenchSpec, case: &BenchCase, shape: ModelShape, b: usize, t: usize, probe: &DeviceProbe) -> anyhow::Result<BenchRow> {
+    use qdistill_common::ops::activation::{glu_bwd, glu_fwd};
+    use qdistill_common::ops::attention::{attention_bwd, attention_fwd, AttnConfig};
+    use qdistill_common::ops::rms_norm::{rms_norm_bwd, rms_norm_fwd};
+    use qdistill_common::ops::rope::{rope_bwd, rope_fwd, RopeTable};
+    let device = &spec.device;
+    let cfg = shape.config()?;
+    let dt = bench_dtype(device);
+    let (d, f, hq, hkv, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+    let n = b * t;
+    let rnd = |shape: &[usize], std: f32| -> anyhow::Result<Tensor> { Ok(Tensor::randn(0f32, std, shape, device)?.to_dtype(dt)?) };
+    let mut parts: Vec<(&str, f64)> = Vec::new();
+    let mut time = |name: &'static str, f: &mut dyn FnMut() -> anyhow::Result<()>| -> anyhow::Result<()> {
+        let (ms, _) = timed(device, probe, spec.warmup, spec.iters.max(3), || f())?;
+        parts.push((name, ms));
+        Ok(())
+    };
+    let x = rnd(&[b, t, d], 1.0)?;
+    let w_norm = Tensor::ones(d, dt, device)?;
+    let (_, saved) = rms_norm_fwd(&x, &w_norm, 1e-5, false)?;
+    time("rmsnorm", &mut || Ok(rms_norm_fwd(&x, &w_norm, 1e-5, false).map(|_| ())?))?;
+    let h = x.reshape((n, d))?;
+    let ws: Vec<Tensor> = qdistill_common::lora::ALL_LINEAR
+        .iter()
+        .map(|s| cfg.linear_shape(s).map(|(i, o)| rnd(&[o, i], 0.02)).unwrap_or_else(|| Err(anyhow!("no linear {s}"))))
+        .collect::<anyhow::Result<_>>()?;
+    let m_in = rnd(&[n, f], 1.0)?;
+    let o_in = rnd(&[n, hq * hd], 1.0)?;
+    time("7 GEMMs", &mut || {
+        for (k, w) in ws.iter().enumerate() {
+            let inp = match k {
+                3 => &o_in,
+                6 => &m_in,
+                _ => &h,
+            };
+            inp.matmul(&w.t()?)?;
+        }
+        Ok(())
+    })?;
+    let rope = RopeTable::new(hd, cfg.rope_theta, cfg.rope_scaling.clone(), cfg.max_position_embeddings, device)?;
+    let pos: Vec<u32> = (0..b).flat_map(|_| 0..t as u32).collect();
+    let pos = Tensor::from_vec(pos, (b, t), device)?;
+    let q = rnd(&[b, hq, t, hd], 1.0)?;
+    let k = rnd(&[b, hkv, t, hd], 1.0)?;
+    let v = rnd(&[b, hkv, t, hd], 1.0)?;
+    time("rope q+k", &mut || {
+        rope_fwd(&q, &rope, &pos)?;
+        rope_fwd(&k, &rope, &pos)?;
+        Ok(())
+    })?;
+    let acfg = AttnConfig { n_heads: hq, n_kv_heads: hkv, head_dim: hd, scale: cfg.attn_scale, sliding_window: None, softcap: None };
+    let (_, asaved) = attention_fwd(&q, &k, &v, &acfg, None)?;
+    time("attention", &mut || Ok(attention_fwd(&q, &k, &v, &acfg, None).map(|_| ())?))?;
+    let gate = rnd(&[n, f], 1.0)?;
+    let up = rnd(&[n, f], 1.0)?;
+    time("swiglu", &mut || Ok(glu_fwd(&gate, &up, cfg.hidden_act.clone()).map(|_| ())?))?;
+    // Backward: the frozen base's dX GEMMs (dY·W), attention, norms, RoPE, SwiGLU.
+    let dys: Vec<Tensor> = ws.iter().map(|w| rnd(&[n, w.dim(0)?], 1.0)).collect::<anyhow::Result<_>>()?;
+    time("7 dX GEMMs", &mut || {
+        for (dy, w) in dys.iter().zip(&ws) {
+            dy.matmul(w)?;
+        }
+        Ok(())
+    })?;
+    let dout = rnd(&[b, hq, t, hd], 1.0)?;
+    time("attention bwd", &mut || Ok(attention_bwd(&dout, &asaved, &acfg, None).map(|_| ())?))?;
+    time("rope bwd q+k", &mut || {
+        rope_bwd(&q, &rope, &pos)?;
+        rope_bwd(&k, &rope, &pos)?;
+        Ok(())
+    })?;
+    time("swiglu bwd", &mut || Ok(glu_bwd(&m_in, &gate, &up, cfg.hidden_act.clone()).map(|_| ())?))?;
+    time("rmsnorm bwd", &mut || Ok(rms_norm_bwd(&x, &w_norm, false, &saved).map(|_| ())?))?;
+    // A block runs two norms of each kind.
+    let total: f64 = parts.iter().map(|(name, ms)| if name.starts_with("rmsnorm") { 2.0 * ms } else { *ms }).sum();
+    let note = parts.iter().map(|(name, ms)| format!("{name} {ms:.2}")).collect::<Vec<_>>().join(", ");
+    Ok(row(case, 0.0, "", total, probe.peak_bytes()?, format!("ms per op: {note}; ×{} layers = {:.0} ms", cfg.num_hidden_layers, total * cfg.num_hidden_layers as f64)))
 }
 
 /// Parameters of the dense model (embedding, head, blocks), the N of MFU = kN·tokens/time.
@@ -922,6 +1042,7 @@ mod tests {
         spec.cases.retain(|c| !matches!(c, BenchCase::FusedKl { .. } | BenchCase::Copy { .. } | BenchCase::Matmul { .. }));
         spec.cases.push(BenchCase::FusedKl { tokens: 16, vocab: 96, hidden: 32, chunk_tokens: 5 });
         spec.cases.push(BenchCase::Matmul { n: 32 });
+        spec.cases.push(BenchCase::BlockProfile { shape: ModelShape::Tiny, batch: 2, seq: 8 });
         spec.iters = 1;
         let report = run_bench(&spec).unwrap();
         for r in &report.rows {
