@@ -8,7 +8,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaForCausalLM
 
-from common import HEADER, PEAK_BF16, TARGETS, dense_params, llama_config, median_ms, row
+from qd_common import HEADER, PEAK_BF16, TARGETS, dense_params, llama_config, median_ms, row
 
 shape, B, S, gc = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "gc"
 nf4 = "nf4" in sys.argv[5:]

@@ -17,19 +17,38 @@ use candle_core::{CudaDevice, CudaStorage, DType, Device, Storage, Tensor};
 /// The bf16 element type of device buffers (re-exported so callers need no `half` dependency).
 pub use half::bf16;
 
-use crate::nf4::{Absmax, Nf4Tensor, NF4_CODE};
+use crate::nf4::{Absmax, Nf4Tensor};
 use crate::{Error, Result};
 
 const NF4_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/nf4.ptx"));
 /// Name under which candle caches the loaded module (one load per device).
 const NF4_MODULE: &str = "qdistill_nf4";
-/// Units of 8 elements per thread and iteration; must match UNITS in nf4.cu.
-const NF4_UNITS: usize = 4;
-const NF4_THREADS: u32 = 256;
 
-// The kernel carries its own copy of the codebook (in constant memory); this keeps the two
-// from drifting apart silently.
-const _: () = assert!(NF4_CODE.len() == 16);
+/// A launch shape of the NF4 kernel: `units` units of `8 * vec` elements per thread and
+/// iteration (the template arguments of the named kernel in nf4.cu) and `threads` per block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Nf4Launch {
+    pub kernel_suffix: &'static str,
+    pub units: usize,
+    pub vec: usize,
+    pub threads: u32,
+}
+
+/// What [`CudaNf4::dequantize_into`] launches (the kernels without suffix: UNITS 2, VEC 1).
+pub const NF4_DEFAULT_LAUNCH: Nf4Launch = Nf4Launch { kernel_suffix: "", units: 2, vec: 1, threads: 256 };
+
+/// Launch shapes of the bf16 double-quant kernel that the benchmark times side by side.
+pub const NF4_BF16_DQ_VARIANTS: [Nf4Launch; 9] = [
+    NF4_DEFAULT_LAUNCH,
+    Nf4Launch { kernel_suffix: "", units: 2, vec: 1, threads: 512 },
+    Nf4Launch { kernel_suffix: "_u2v1cs", units: 2, vec: 1, threads: 256 },
+    Nf4Launch { kernel_suffix: "_u1v1", units: 1, vec: 1, threads: 256 },
+    Nf4Launch { kernel_suffix: "_u4v1", units: 4, vec: 1, threads: 256 },
+    Nf4Launch { kernel_suffix: "_u4v1", units: 4, vec: 1, threads: 512 },
+    Nf4Launch { kernel_suffix: "_u4v1cs", units: 4, vec: 1, threads: 256 },
+    Nf4Launch { kernel_suffix: "_u8v1", units: 8, vec: 1, threads: 256 },
+    Nf4Launch { kernel_suffix: "_u2v2", units: 2, vec: 2, threads: 256 },
+];
 
 /// The CUDA device behind a candle device, or a typed error naming what was given.
 pub fn cuda_device(device: &Device) -> Result<&CudaDevice> {
@@ -96,11 +115,9 @@ impl CudaNf4 {
             )));
         }
         let n_blocks = n.div_ceil(q.blocksize);
-        // The kernel reads the packed bytes as u32 words: pad to a whole word so the last
-        // word read never leaves the allocation.
-        let mut packed_host = q.packed.clone();
-        packed_host.resize(q.packed.len().next_multiple_of(4), 0);
-        let packed = dev.clone_htod(&packed_host)?;
+        // The kernel reads whole units of packed words only below n and the odd tail byte by
+        // byte, so the codes upload as they are.
+        let packed = dev.clone_htod(&q.packed)?;
         let absmax = match &q.absmax {
             Absmax::F32(v) => {
                 check_len("absmax", v.len(), n_blocks)?;
@@ -139,6 +156,12 @@ impl CudaNf4 {
     /// `out` (e.g. one scratch buffer reused for every layer of a model). Asynchronous on
     /// candle's stream.
     pub fn dequantize_into<T: Nf4Out>(&self, out: &mut CudaSlice<T>) -> Result<()> {
+        self.dequantize_into_with(out, &NF4_DEFAULT_LAUNCH)
+    }
+
+    /// [`CudaNf4::dequantize_into`] with another launch shape (benchmarking; only the bf16
+    /// double-quant kernel has variants, see [`NF4_BF16_DQ_VARIANTS`]).
+    pub fn dequantize_into_with<T: Nf4Out>(&self, out: &mut CudaSlice<T>, launch: &Nf4Launch) -> Result<()> {
         let n = self.numel();
         if out.len() < n {
             return Err(Error::Msg(format!(
@@ -148,16 +171,24 @@ impl CudaNf4 {
                 self.cols
             )));
         }
-        let name = match &self.absmax {
+        if 8 * launch.vec > (1usize << self.bs_shift) {
+            return Err(Error::Msg(format!(
+                "NF4 on CUDA: launch {launch:?} reads {} elements per unit, more than the block size {}",
+                8 * launch.vec,
+                1usize << self.bs_shift
+            )));
+        }
+        let base = match &self.absmax {
             DeviceAbsmax::Double { .. } => T::KERNEL_DQ,
             DeviceAbsmax::F32(_) => T::KERNEL_F32ABSMAX,
         };
-        let func = self.device.get_or_load_custom_func(name, NF4_MODULE, NF4_PTX)?;
-        let n_units = n / 8;
-        let per_block = NF4_THREADS as usize * NF4_UNITS;
+        let name = format!("{base}{}", launch.kernel_suffix);
+        let func = self.device.get_or_load_custom_func(&name, NF4_MODULE, NF4_PTX)?;
+        let n_units = n / (8 * launch.vec);
+        let per_block = launch.threads as usize * launch.units;
         let grid = n_units.div_ceil(per_block).max(1);
         let grid = u32::try_from(grid).map_err(|_| Error::Msg(format!("NF4 on CUDA: {n} elements is too many for one launch")))?;
-        let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (NF4_THREADS, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (launch.threads, 1, 1), shared_mem_bytes: 0 };
         let n_i64 = n as i64;
         let mut b = func.builder();
         b.arg(&self.packed);
@@ -184,7 +215,8 @@ impl CudaNf4 {
         }
         b.arg(out);
         // SAFETY: argument order and types match the kernel's signature in nf4.cu; `out`
-        // holds at least n elements (checked above); `packed` is padded to whole u32 words.
+        // holds at least n elements (checked above); `packed` holds ceil(n/2) bytes, of which
+        // the kernel reads whole units only below n; cudarc allocations are 256-byte aligned.
         unsafe { b.launch(cfg) }.w()?;
         Ok(())
     }

@@ -145,7 +145,20 @@ impl BenchSpec {
     /// (2×2048, no checkpointing; 4×2048 with) and an NF4 base (4×2048 with checkpointing;
     /// 2×2048 without), teacher forwards, then the kernels at Llama-3-8B sizes.
     pub fn standard(device: Device, shapes: &[ModelShape]) -> Self {
-        let mut cases = vec![BenchCase::Copy { bytes: 1 << 30 }, BenchCase::Matmul { n: 8192 }];
+        // Kernels first: they take seconds and say the most per second of device time.
+        let mut cases = vec![
+            BenchCase::Copy { bytes: 1 << 30 },
+            BenchCase::Matmul { n: 8192 },
+            BenchCase::Nf4Dequant { rows: 14336, cols: 4096 },
+        ];
+        for chunk_tokens in [256, 1024] {
+            cases.push(BenchCase::FusedKl { tokens: 8192, vocab: 128_256, hidden: 4096, chunk_tokens });
+        }
+        for &shape in shapes {
+            if shape != ModelShape::Tiny {
+                cases.push(BenchCase::BlockProfile { shape, batch: 2, seq: 2048 });
+            }
+        }
         for &shape in shapes {
             let (b, s) = if shape == ModelShape::Tiny { (2, 16) } else { (2, 2048) };
             for nf4 in [false, true] {
@@ -158,15 +171,6 @@ impl BenchSpec {
                     cases.push(BenchCase::Student { shape, nf4, batch: 2 * b, seq: s, checkpointing: true });
                 }
             }
-        }
-        for &shape in shapes {
-            if shape != ModelShape::Tiny {
-                cases.push(BenchCase::BlockProfile { shape, batch: 2, seq: 2048 });
-            }
-        }
-        cases.push(BenchCase::Nf4Dequant { rows: 14336, cols: 4096 });
-        for chunk_tokens in [256, 1024] {
-            cases.push(BenchCase::FusedKl { tokens: 8192, vocab: 128_256, hidden: 4096, chunk_tokens });
         }
         Self { device, cases, warmup: 1, iters: 3, seed: 0 }
     }
@@ -410,9 +414,10 @@ pub fn run_bench(spec: &BenchSpec) -> anyhow::Result<BenchReport> {
         }
         let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_case(spec, case, model.as_mut().map(|(_, m)| m), &probe)))
             .unwrap_or_else(|p| Err(anyhow!("panicked: {}", panic_message(&p))));
-        let r = res.unwrap_or_else(|e| failed(case, &e));
-        println!("{}", r.markdown());
-        rows.push(r);
+        for r in res.unwrap_or_else(|e| vec![failed(case, &e)]) {
+            println!("{}", r.markdown());
+            rows.push(r);
+        }
     }
     Ok(BenchReport { device: report_device, rows })
 }
@@ -449,7 +454,14 @@ fn bench_dtype(device: &Device) -> DType {
     }
 }
 
-fn run_case(spec: &BenchSpec, case: &BenchCase, model: Option<&mut Model>, probe: &DeviceProbe) -> anyhow::Result<BenchRow> {
+fn run_case(spec: &BenchSpec, case: &BenchCase, model: Option<&mut Model>, probe: &DeviceProbe) -> anyhow::Result<Vec<BenchRow>> {
+    if let BenchCase::Nf4Dequant { rows, cols } = *case {
+        return nf4_dequant_case(spec, case, rows, cols, probe);
+    }
+    Ok(vec![run_single(spec, case, model, probe)?])
+}
+
+fn run_single(spec: &BenchSpec, case: &BenchCase, model: Option<&mut Model>, probe: &DeviceProbe) -> anyhow::Result<BenchRow> {
     let device = &spec.device;
     match *case {
         BenchCase::Student { batch, seq, checkpointing, .. } => {
@@ -549,7 +561,7 @@ fn run_case(spec: &BenchSpec, case: &BenchCase, model: Option<&mut Model>, probe
             let mfu = 2.0 * model_params(&model.cfg) * tokens / (ms / 1e3) / 989e12 * 100.0;
             Ok(row(case, tokens / (ms / 1e3), "tok/s", ms, peak, format!("MFU(2N) {mfu:.1}%, hidden states + LM head logits")))
         }
-        BenchCase::Nf4Dequant { rows, cols } => nf4_dequant_case(spec, case, rows, cols, probe),
+        BenchCase::Nf4Dequant { .. } => Err(anyhow!("the NF4 dequant case yields several rows: run it through run_case")),
         BenchCase::FusedKl { tokens, vocab, hidden, chunk_tokens } => {
             use rand::{Rng, SeedableRng};
             let dt = bench_dtype(device);
@@ -692,38 +704,66 @@ fn model_params(cfg: &ModelConfig) -> f64 {
 }
 
 #[cfg(feature = "cuda")]
-fn nf4_dequant_case(spec: &BenchSpec, case: &BenchCase, rows: usize, cols: usize, probe: &DeviceProbe) -> anyhow::Result<BenchRow> {
-    use qdistill_common::kernels::{time_on_stream, CudaNf4};
+fn nf4_dequant_case(spec: &BenchSpec, case: &BenchCase, rows: usize, cols: usize, probe: &DeviceProbe) -> anyhow::Result<Vec<BenchRow>> {
+    use qdistill_common::kernels::{bf16, time_on_stream, CudaNf4, NF4_BF16_DQ_VARIANTS, NF4_DEFAULT_LAUNCH};
     use qdistill_common::nf4::Nf4Tensor;
     let device = &spec.device;
     if !device.is_cuda() {
         return Err(anyhow!("the NF4 kernel needs a CUDA device"));
     }
     let cuda = qdistill_common::kernels::cuda_device(device)?;
-    // Four weights in rotation, so no run finds its input in L2 (50 MB on an H100).
+    // Two weights in rotation (147 MB of traffic each, L2 is 50 MB): no run finds its
+    // input in cache.
+    let mut hosts = Vec::new();
     let mut weights = Vec::new();
-    for k in 0..4 {
+    for k in 0..2 {
         let w = pseudo_normal(rows * cols, 0.02, spec.seed + k);
-        weights.push(CudaNf4::upload(&Nf4Tensor::quantize(&w, rows, cols, true)?, device)?);
+        let q = Nf4Tensor::quantize(&w, rows, cols, true)?;
+        weights.push(CudaNf4::upload(&q, device)?);
+        hosts.push(q);
     }
-    let mut out = cuda.alloc_zeros::<qdistill_common::kernels::bf16>(rows * cols)?;
-    let mut k = 0;
-    probe.reset_peak()?;
-    let mut times = time_on_stream(device, 3, spec.iters.max(1) * 10, || {
-        weights[k % 4].dequantize_into(&mut out)?;
-        k += 1;
-        Ok(())
-    })?;
-    let ms = median(&mut times);
+    let want: Vec<u16> = hosts[1].dequantize().iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
     let n = (rows * cols) as f64;
     // Bytes that must move: packed codes, 8-bit absmax and their f32 scales in, bf16 out.
     let bytes = n / 2.0 + n / 64.0 + n / 64.0 / 256.0 * 4.0 + 2.0 * n;
-    let gbs = bytes / (ms / 1e3) / 1e9;
-    Ok(row(case, gbs, "GB/s", ms, probe.peak_bytes()?, format!("{:.1} us; bnb-equivalent work, compare to the d2d copy row", ms * 1e3)))
+    let mut out_rows = Vec::new();
+    for launch in NF4_BF16_DQ_VARIANTS {
+        // Each launch shape must give the CPU's bits (poisoned output first).
+        let mut out = cuda.clone_htod(&vec![bf16::NAN; rows * cols])?;
+        weights[1].dequantize_into_with(&mut out, &launch)?;
+        let got = cuda.clone_dtoh(&out)?;
+        let bad = got.iter().zip(&want).filter(|(a, b)| a.to_bits() != **b).count();
+        let mut k = 0;
+        probe.reset_peak()?;
+        let mut times = time_on_stream(device, 3, spec.iters.max(1) * 20, || {
+            weights[k % 2].dequantize_into_with(&mut out, &launch)?;
+            k += 1;
+            Ok(())
+        })?;
+        let ms = median(&mut times);
+        let mut r = row(
+            case,
+            bytes / (ms / 1e3) / 1e9,
+            "GB/s",
+            ms,
+            probe.peak_bytes()?,
+            format!("{:.1} us; {bad} elements differ from the CPU; compare to the d2d copy row", ms * 1e3),
+        );
+        if launch != NF4_DEFAULT_LAUNCH {
+            r.case = format!("{} (units {} vec {} threads {}{})", r.case, launch.units, launch.vec, launch.threads,
+                if launch.kernel_suffix.ends_with("cs") { " streaming stores" } else { "" });
+        }
+        r.ok = bad == 0;
+        if bad != 0 {
+            r.note = format!("FAILED: {}", r.note);
+        }
+        out_rows.push(r);
+    }
+    Ok(out_rows)
 }
 
 #[cfg(not(feature = "cuda"))]
-fn nf4_dequant_case(_: &BenchSpec, _: &BenchCase, _: usize, _: usize, _: &DeviceProbe) -> anyhow::Result<BenchRow> {
+fn nf4_dequant_case(_: &BenchSpec, _: &BenchCase, _: usize, _: usize, _: &DeviceProbe) -> anyhow::Result<Vec<BenchRow>> {
     Err(anyhow!("the NF4 kernel needs a build with the `cuda` feature"))
 }
 
@@ -938,7 +978,7 @@ fn check_peft_grads(models: &Path, name: &str, base: &str, device: &Device, dist
             worst = worst.max(max_rel_err(&got, w)?);
         }
     }
-    let tol = 1e-3;
+    let tol = 1e-4;
     Ok((worst < tol && loss_err < 1e-5, format!("loss rel err {loss_err:.1e}; worst grad rel err {worst:.2e} (tol {tol:.0e})")))
 }
 
@@ -1053,6 +1093,6 @@ mod tests {
                 assert!(r.value > 0.0);
             }
         }
-        assert_eq!(report.rows.len(), spec.cases.len());
+        assert_eq!(report.rows.len(), spec.cases.len(), "one row per case on a CPU");
     }
 }

@@ -4,7 +4,7 @@
 # (and Liger's FusedLinearJSD with beta=0 when liger_kernel is importable).
 import torch
 
-from common import HEADER, median_ms, row
+from qd_common import HEADER, median_ms, row
 
 d, bf = "cuda", torch.bfloat16
 print(HEADER, flush=True)
@@ -78,7 +78,9 @@ def kl_torch():
 
 run("torch", "fused fwd-KL T=%d V=%d (unfused torch)" % (T, V), kl_torch)
 try:
-    from liger_kernel.transformers import LigerFusedLinearJSD
+    # The submodule directly: importing it through liger_kernel.transformers' __init__
+    # hits a circular import when transformers was not imported first.
+    from liger_kernel.transformers.fused_linear_jsd import LigerFusedLinearJSD
     fj = LigerFusedLinearJSD(jsd_beta=0.0, temperature=1.0)
     run("liger", "fused fwd-KL T=%d V=%d (FusedLinearJSD beta=0)" % (T, V), lambda: fj(hs, Ws, ht, Wt, None).backward())
 except Exception as e:  # noqa: BLE001
