@@ -8,7 +8,8 @@
 # Inputs: the CUDA build of the benchmark binary (cargo build --release --features cuda
 # --example gpu_bench, via ../shared/cuda/build.sh) at $QD_BIN (default .carry/gpu_bench);
 # bitsandbytes/liger unpacked under .carry/pysite if the image lacks them.
-# Knobs: QD_SHAPES (default "1b,8b"), QD_ITERS (timed steps, default 3), QD_BASELINES
+# Knobs: QD_SHAPES (default "1b,8b"), QD_ITERS (timed steps, default 3), QD_ONLY (bench
+# case kinds, e.g. "kernels,qlora"; default all), QD_BASELINES
 # (default "kernels 8b-nogc 8b-gc 8b-nf4 1b-nogc"), QD_DEADLINE (seconds from the start
 # after which no further stage starts and running ones are cut, default 570).
 # Logs and the comparison table go to $OUT (default /tmp/gpu-check).
@@ -50,7 +51,7 @@ fi
 
 if want bench; then
   echo "== qdistill bench"
-  timeout "$(budget 360)" "$BIN" bench --shapes "${QD_SHAPES:-1b,8b}" --iters "${QD_ITERS:-3}" 2>&1 | tee "$OUT/bench.log" || status=1
+  timeout "$(budget 360)" "$BIN" bench --shapes "${QD_SHAPES:-1b,8b}" --iters "${QD_ITERS:-3}" ${QD_ONLY:+--only "$QD_ONLY"} 2>&1 | tee "$OUT/bench.log" || status=1
 fi
 
 if want baselines; then
