@@ -526,7 +526,6 @@ fn run_single(spec: &BenchSpec, case: &BenchCase, model: Option<&mut Model>, pro
             let (ms, peak) = timed(device, probe, spec.warmup, spec.iters, || step(None))?;
             let mut phases = [0f64; 5];
             step(Some(&mut phases))?;
-            drop(step);
             if !last_loss.is_finite() {
                 return Err(anyhow!("loss is {last_loss}"));
             }
@@ -630,7 +629,7 @@ fn block_profile(spec: &BenchSpec, case: &BenchCase, shape: ModelShape, b: usize
     let rnd = |shape: &[usize], std: f32| -> anyhow::Result<Tensor> { Ok(Tensor::randn(0f32, std, shape, device)?.to_dtype(dt)?) };
     let mut parts: Vec<(&str, f64)> = Vec::new();
     let mut time = |name: &'static str, f: &mut dyn FnMut() -> anyhow::Result<()>| -> anyhow::Result<()> {
-        let (ms, _) = timed(device, probe, spec.warmup, spec.iters.max(3), || f())?;
+        let (ms, _) = timed(device, probe, spec.warmup, spec.iters.max(3), &mut *f)?;
         parts.push((name, ms));
         Ok(())
     };
@@ -656,7 +655,7 @@ fn block_profile(spec: &BenchSpec, case: &BenchCase, shape: ModelShape, b: usize
         }
         Ok(())
     })?;
-    let rope = RopeTable::new(hd, cfg.rope_theta, cfg.rope_scaling.clone(), cfg.max_position_embeddings, device)?;
+    let rope = RopeTable::new(hd, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings, device)?;
     let pos: Vec<u32> = (0..b).flat_map(|_| 0..t as u32).collect();
     let pos = Tensor::from_vec(pos, (b, t), device)?;
     let q = rnd(&[b, hq, t, hd], 1.0)?;
@@ -672,7 +671,7 @@ fn block_profile(spec: &BenchSpec, case: &BenchCase, shape: ModelShape, b: usize
     time("attention", &mut || Ok(attention_fwd(&q, &k, &v, &acfg, None).map(|_| ())?))?;
     let gate = rnd(&[n, f], 1.0)?;
     let up = rnd(&[n, f], 1.0)?;
-    time("swiglu", &mut || Ok(glu_fwd(&gate, &up, cfg.hidden_act.clone()).map(|_| ())?))?;
+    time("swiglu", &mut || Ok(glu_fwd(&gate, &up, cfg.hidden_act).map(|_| ())?))?;
     // Backward: the frozen base's dX GEMMs (dY·W), attention, norms, RoPE, SwiGLU.
     let dys: Vec<Tensor> = ws.iter().map(|w| rnd(&[n, w.dim(0)?], 1.0)).collect::<anyhow::Result<_>>()?;
     time("7 dX GEMMs", &mut || {
@@ -688,7 +687,7 @@ fn block_profile(spec: &BenchSpec, case: &BenchCase, shape: ModelShape, b: usize
         rope_bwd(&k, &rope, &pos)?;
         Ok(())
     })?;
-    time("swiglu bwd", &mut || Ok(glu_bwd(&m_in, &gate, &up, cfg.hidden_act.clone()).map(|_| ())?))?;
+    time("swiglu bwd", &mut || Ok(glu_bwd(&m_in, &gate, &up, cfg.hidden_act).map(|_| ())?))?;
     time("rmsnorm bwd", &mut || Ok(rms_norm_bwd(&x, &w_norm, false, &saved).map(|_| ())?))?;
     // A block runs two norms of each kind.
     let total: f64 = parts.iter().map(|(name, ms)| if name.starts_with("rmsnorm") { 2.0 * ms } else { *ms }).sum();

@@ -559,11 +559,11 @@ impl Model {
                     sliding_window: cfg.layer_window[i],
                     softcap: cfg.attn_logit_softcapping,
                 },
-                act: cfg.hidden_act.clone(),
+                act: cfg.hidden_act,
             });
         }
         let cfg = cfg.with_layers(&keep);
-        let rope = RopeTable::new(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling.clone(), cfg.max_position_embeddings, dev)?;
+        let rope = RopeTable::new(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings, dev)?;
         let gemma = matches!(cfg.family, Family::Gemma | Family::Gemma2);
         Ok(Self {
             embed_scale: gemma.then(|| (cfg.hidden_size as f64).sqrt()),
