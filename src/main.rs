@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use qdistill_worker::bench;
 
 #[derive(Parser)]
 #[command(
@@ -103,6 +104,30 @@ enum Command {
         #[arg(long, env = "QDISTILL_TOKEN", hide_env_values = true)]
         token: String,
     },
+    /// Check the training path on a device against the committed HF/PEFT fixtures (logits
+    /// of every architecture, LoRA gradients, the NF4 kernel); prints a pass/fail table.
+    Selftest {
+        #[arg(long, default_value = "cuda:0")]
+        device: String,
+        #[arg(long, default_value = "tests/fixtures")]
+        fixtures: PathBuf,
+    },
+    /// Benchmark student steps, teacher forwards and kernels at real model shapes with
+    /// random weights (see BENCHMARKS.md).
+    Bench {
+        #[arg(long, default_value = "cuda:0")]
+        device: String,
+        /// Comma-separated: 8b, 1b, tiny.
+        #[arg(long, default_value = "8b,1b")]
+        shapes: String,
+        /// Comma-separated subset of: lora, qlora, teacher, kernels.
+        #[arg(long)]
+        only: Option<String>,
+        #[arg(long, default_value_t = 3)]
+        iters: usize,
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+    },
     /// Print a model's resolved architecture (from config.json or GGUF metadata).
     Info {
         /// HF model directory, .safetensors file or .gguf file.
@@ -182,6 +207,34 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Status { coordinator, token } => {
             println!("{}", qdistill_worker::cluster::status(&coordinator, &token)?);
+            Ok(())
+        }
+        Command::Selftest { device, fixtures } => {
+            let report = bench::run_selftest(&bench::SelftestSpec { device: bench::open_device(&device)?, fixtures })?;
+            println!("\n{}", report.table());
+            let failed = report.checks.iter().filter(|c| !c.pass).count();
+            println!("selftest: {} passed, {failed} failed", report.checks.len() - failed);
+            anyhow::ensure!(failed == 0, "{failed} self-test check(s) failed");
+            Ok(())
+        }
+        Command::Bench { device, shapes, only, iters, warmup } => {
+            let shapes = shapes.split(',').map(bench::ModelShape::parse).collect::<anyhow::Result<Vec<_>>>()?;
+            let mut spec = bench::BenchSpec::standard(bench::open_device(&device)?, &shapes);
+            spec.iters = iters;
+            spec.warmup = warmup;
+            if let Some(only) = only {
+                let keep: Vec<&str> = only.split(',').collect();
+                spec.cases.retain(|c| {
+                    let kind = match c {
+                        bench::BenchCase::Student { nf4: false, .. } => "lora",
+                        bench::BenchCase::Student { nf4: true, .. } => "qlora",
+                        bench::BenchCase::Teacher { .. } => "teacher",
+                        _ => "kernels",
+                    };
+                    keep.contains(&kind)
+                });
+            }
+            println!("\n{}", bench::run_bench(&spec)?.table());
             Ok(())
         }
         Command::Info { model } => {

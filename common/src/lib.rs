@@ -11,6 +11,8 @@ pub mod collective;
 pub mod config;
 pub mod data;
 pub mod error;
+#[cfg(feature = "cuda")]
+pub mod kernels;
 pub mod lora;
 pub mod loss;
 pub mod model;

@@ -215,6 +215,10 @@ pub enum BaseWeight {
     /// Stays 4-bit; dequantized into a transient buffer right before each GEMM, so the
     /// student never holds a full-precision copy of its base.
     Nf4(Nf4Tensor),
+    /// NF4 codes and scales resident on a CUDA device (uploaded once), expanded by the
+    /// dequantization kernel into a pool-allocated buffer right before each GEMM.
+    #[cfg(feature = "cuda")]
+    Nf4Cuda(crate::kernels::CudaNf4),
 }
 
 impl BaseWeight {
@@ -223,18 +227,27 @@ impl BaseWeight {
         match self {
             BaseWeight::Dense(t) => Ok(t.clone()),
             BaseWeight::Nf4(q) => q.to_tensor(device),
+            #[cfg(feature = "cuda")]
+            BaseWeight::Nf4Cuda(q) => q.to_tensor(DType::F32),
         }
     }
 
     /// `dense` in the compute dtype of `like`.
     fn dense_as(&self, like: &Tensor) -> Result<Tensor> {
-        Ok(self.dense(like.device())?.to_dtype(like.dtype())?)
+        match self {
+            // Written by the kernel in the compute dtype: no f32 round trip.
+            #[cfg(feature = "cuda")]
+            BaseWeight::Nf4Cuda(q) => q.to_tensor(like.dtype()),
+            _ => Ok(self.dense(like.device())?.to_dtype(like.dtype())?),
+        }
     }
 
     pub fn memory_bytes(&self) -> usize {
         match self {
             BaseWeight::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
             BaseWeight::Nf4(q) => q.memory_bytes(),
+            #[cfg(feature = "cuda")]
+            BaseWeight::Nf4Cuda(q) => q.memory_bytes(),
         }
     }
 }

@@ -1,6 +1,7 @@
 //! qdistill-worker: the teacher and student role loops, and the embedded run that puts
 //! both in one process.
 
+pub mod bench;
 pub mod cluster;
 pub mod data_plan;
 pub mod models;

@@ -205,7 +205,8 @@ impl Model {
         let cfg = cfg.with_layers(&keep);
         let rope = RopeTable::new(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling.clone(), cfg.max_position_embeddings, dev)?;
         let gemma = matches!(cfg.family, Family::Gemma | Family::Gemma2);
-        Ok(Self {
+        #[allow(unused_mut)]
+        let mut model = Self {
             embed_scale: gemma.then(|| (cfg.hidden_size as f64).sqrt()),
             unit_offset: gemma,
             cfg,
@@ -216,7 +217,12 @@ impl Model {
             rope,
             device: opts.device.clone(),
             dtype: dt,
-        })
+        };
+        // On a GPU the NF4 codes move to device memory once and the CUDA kernel
+        // dequantizes them before each GEMM.
+        #[cfg(feature = "cuda")]
+        model.upload_nf4()?;
+        Ok(model)
     }
 
     pub fn device(&self) -> &Device {
@@ -456,4 +462,159 @@ pub fn token_logprobs(logits: &Tensor, labels: &[i64]) -> Result<Vec<f32>> {
         .enumerate()
         .map(|(i, &l)| if l < 0 { f32::NAN } else { z[i][l as usize] - lse[i] })
         .collect())
+}
+
+/// Random models of real shapes, for benchmarks and GPU checks where no checkpoint of that
+/// size can travel.
+impl Model {
+    /// A model of `cfg`'s shapes with random weights: linears, embedding and LM head drawn
+    /// from N(0, 0.02²) (HF's `initializer_range`), norms at their identity value. With
+    /// `opts.nf4` the block linears are random NF4 weights built directly in 4 bits:
+    /// uniform codes (NF4's codes are equiprobable for Gaussian weights by construction)
+    /// and block scales spread like the absmax of 64 Gaussian draws, double-quantized as
+    /// bitsandbytes does when `opts.double_quant`. On a CUDA device the NF4 weights are
+    /// uploaded and expanded by the GPU kernel. Deterministic in `seed` (on CUDA through
+    /// curand, so CPU and GPU draws differ).
+    pub fn random(cfg: &ModelConfig, opts: &LoadOptions, seed: u64) -> Result<Self> {
+        use rand::{Rng, RngCore, SeedableRng};
+        const STD: f64 = 0.02;
+        let keep: Vec<usize> = match &opts.keep_layers {
+            Some(k) => {
+                if let Some(&bad) = k.iter().find(|&&i| i >= cfg.num_hidden_layers) {
+                    return Err(Error::Config(format!(
+                        "keep_layers names layer {bad}, but the model has only {} layers",
+                        cfg.num_hidden_layers
+                    )));
+                }
+                k.clone()
+            }
+            None => (0..cfg.num_hidden_layers).collect(),
+        };
+        let dev = &opts.device;
+        let dt = opts.dtype;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        if dev.is_cuda() {
+            dev.set_seed(seed)?;
+        }
+        let normal = |rows: usize, cols: usize, rng: &mut rand_chacha::ChaCha8Rng| -> Result<Tensor> {
+            let t = if dev.is_cpu() {
+                // Box-Muller on a seeded stream: candle's CPU randn cannot be seeded.
+                let v: Vec<f32> = (0..rows * cols)
+                    .map(|_| {
+                        let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
+                        let u2: f64 = rng.random();
+                        (STD * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+                    })
+                    .collect();
+                Tensor::from_vec(v, (rows, cols), dev)?
+            } else {
+                Tensor::randn(0f32, STD as f32, (rows, cols), dev)?
+            };
+            Ok(t.to_dtype(dt)?)
+        };
+        let random_nf4 = |rows: usize, cols: usize, rng: &mut rand_chacha::ChaCha8Rng| -> Result<BaseWeight> {
+            let n = rows * cols;
+            let mut packed = vec![0u8; n.div_ceil(2)];
+            rng.fill_bytes(&mut packed);
+            let n_blocks = n.div_ceil(crate::nf4::BLOCKSIZE);
+            // The absmax of 64 N(0, σ²) draws lies between about 1.9σ and 3.3σ.
+            let absmax: Vec<f32> = (0..n_blocks).map(|_| (STD * (1.9 + 1.4 * rng.random::<f64>())) as f32).collect();
+            let absmax = if opts.double_quant { double_quantize(&absmax) } else { crate::nf4::Absmax::F32(absmax) };
+            let q = Nf4Tensor { rows, cols, packed, absmax, blocksize: crate::nf4::BLOCKSIZE };
+            #[cfg(feature = "cuda")]
+            if dev.is_cuda() {
+                return Ok(BaseWeight::Nf4Cuda(crate::kernels::CudaNf4::upload(&q, dev)?));
+            }
+            Ok(BaseWeight::Nf4(q))
+        };
+        let d = cfg.hidden_size;
+        let ones = |n: usize| -> Result<Tensor> {
+            // Gemma's norms store w with (1 + w) applied, so its identity is zero.
+            let gemma = matches!(cfg.family, Family::Gemma | Family::Gemma2);
+            Ok(if gemma { Tensor::zeros(n, dt, dev)? } else { Tensor::ones(n, dt, dev)? })
+        };
+        let embed = normal(cfg.vocab_size, d, &mut rng)?;
+        let lm_head = if cfg.tie_word_embeddings { None } else { Some(normal(cfg.vocab_size, d, &mut rng)?) };
+        let gemma2 = cfg.family == Family::Gemma2;
+        let mut blocks = Vec::with_capacity(keep.len());
+        for &i in &keep {
+            let mut linears = Vec::with_capacity(7);
+            for short in LINEARS {
+                let (inf, outf) = cfg.linear_shape(short).expect("known linear");
+                let weight =
+                    if opts.nf4 { random_nf4(outf, inf, &mut rng)? } else { BaseWeight::Dense(normal(outf, inf, &mut rng)?) };
+                let has_bias = match short {
+                    "q_proj" | "k_proj" | "v_proj" => cfg.attention_bias,
+                    "o_proj" => cfg.attention_bias && cfg.model_type != "qwen2",
+                    _ => cfg.mlp_bias,
+                };
+                let bias = if has_bias { Some(Tensor::zeros(outf, dt, dev)?) } else { None };
+                linears.push(Linear { weight, bias, in_features: inf, out_features: outf, lora: None });
+            }
+            blocks.push(Block {
+                attn_norm: ones(d)?,
+                attn_post_norm: if gemma2 { Some(ones(d)?) } else { None },
+                ffn_norm: ones(d)?,
+                ffn_post_norm: if gemma2 { Some(ones(d)?) } else { None },
+                linears,
+                attn: AttnConfig {
+                    n_heads: cfg.num_attention_heads,
+                    n_kv_heads: cfg.num_key_value_heads,
+                    head_dim: cfg.head_dim,
+                    scale: cfg.attn_scale,
+                    sliding_window: cfg.layer_window[i],
+                    softcap: cfg.attn_logit_softcapping,
+                },
+                act: cfg.hidden_act,
+            });
+        }
+        let cfg = cfg.with_layers(&keep);
+        let rope = RopeTable::new(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings, dev)?;
+        let gemma = matches!(cfg.family, Family::Gemma | Family::Gemma2);
+        Ok(Self {
+            embed_scale: gemma.then(|| (cfg.hidden_size as f64).sqrt()),
+            unit_offset: gemma,
+            norm: ones(d)?,
+            cfg,
+            embed,
+            blocks,
+            lm_head,
+            rope,
+            device: opts.device.clone(),
+            dtype: dt,
+        })
+    }
+
+    /// Moves every NF4 base weight that sits on the host into device memory for the CUDA
+    /// kernel (once), so no GEMM dequantizes on the CPU and copies. A no-op on CPU.
+    #[cfg(feature = "cuda")]
+    pub fn upload_nf4(&mut self) -> Result<()> {
+        if !self.device.is_cuda() {
+            return Ok(());
+        }
+        for b in &mut self.blocks {
+            for l in &mut b.linears {
+                if let BaseWeight::Nf4(q) = &l.weight {
+                    l.weight = BaseWeight::Nf4Cuda(crate::kernels::CudaNf4::upload(q, &self.device)?);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// bitsandbytes' double quantization of f32 block scales: centred on their mean, then
+/// 8-bit codes of the signed dynamic map in blocks of 256, each with its own f32 scale.
+fn double_quantize(absmax: &[f32]) -> crate::nf4::Absmax {
+    let code = crate::nf4::create_dynamic_map();
+    let mids: Vec<f32> = code.windows(2).map(|w| (w[0] + w[1]) / 2.0).collect();
+    let offset = (absmax.iter().map(|&a| a as f64).sum::<f64>() / absmax.len().max(1) as f64) as f32;
+    let mut quantized = Vec::with_capacity(absmax.len());
+    let mut absmax2 = Vec::new();
+    for block in absmax.chunks(crate::nf4::BLOCKSIZE2) {
+        let amax = block.iter().fold(0f32, |m, &a| m.max((a - offset).abs())).max(1e-38);
+        absmax2.push(amax);
+        quantized.extend(block.iter().map(|&a| mids.partition_point(|&m| m < ((a - offset) / amax).clamp(-1.0, 1.0)) as u8));
+    }
+    crate::nf4::Absmax::Double { quantized, code, absmax2, offset, blocksize2: crate::nf4::BLOCKSIZE2 }
 }

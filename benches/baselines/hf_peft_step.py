@@ -1,0 +1,67 @@
+# HF transformers + PEFT LoRA student step and teacher-style forward, bf16 base or a
+# bitsandbytes NF4 base (double quantization, blocksize 64): the baseline of the
+# `lora bf16`, `qlora nf4` and `teacher fwd` rows of qdistill's benchmark.
+#   python3 hf_peft_step.py SHAPE B S gc|nogc [nf4] [--no-teacher]
+import sys
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaForCausalLM
+
+from qd_common import HEADER, PEAK_BF16, TARGETS, dense_params, llama_config, median_ms, row
+
+shape, B, S, gc = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "gc"
+nf4 = "nf4" in sys.argv[5:]
+teacher = "--no-teacher" not in sys.argv[5:]
+torch.manual_seed(0)
+cfg = llama_config(shape)
+torch.set_default_dtype(torch.bfloat16)
+with torch.device("cuda"):
+    m = LlamaForCausalLM(cfg)
+impl = "hf+peft"
+if nf4:
+    import bitsandbytes as bnb
+    impl = "hf+peft+bnb"
+    for layer in m.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, mod in list(parent.named_children()):
+                if isinstance(mod, torch.nn.Linear):
+                    q = bnb.nn.Linear4bit(mod.in_features, mod.out_features, bias=False, compute_dtype=torch.bfloat16,
+                                          quant_type="nf4", compress_statistics=True, device="meta")
+                    q.weight = bnb.nn.Params4bit(mod.weight.data, requires_grad=False, quant_type="nf4",
+                                                 compress_statistics=True, module=q).to("cuda")
+                    setattr(parent, name, q)
+    torch.cuda.empty_cache()
+N = dense_params(cfg)
+ids = torch.randint(0, cfg.vocab_size, (B, S), device="cuda")
+print(HEADER, flush=True)
+if teacher:
+    m.eval()
+    torch.cuda.reset_peak_memory_stats()
+    with torch.no_grad():
+        ms = median_ms(lambda: m(ids).logits, 5)
+    row(impl, "teacher fwd %s %s %dx%d" % ("nf4" if nf4 else "bf16", shape, B, S), B * S / ms * 1e3, "tok/s", ms,
+        torch.cuda.max_memory_allocated() / 2**30, "MFU(2N) %.1f%%, model(ids).logits" % (100 * 2 * N * B * S / (ms / 1e3) / PEAK_BF16))
+m.train()
+m.config.use_cache = False
+if gc:
+    m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+pm = get_peft_model(m, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS))
+if gc:
+    pm.enable_input_require_grads()
+opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-4, fused=True)
+
+
+def step():
+    out = pm(input_ids=ids, labels=ids)
+    out.loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+step()
+torch.cuda.synchronize()
+torch.cuda.reset_peak_memory_stats()
+ms = median_ms(step, 5, warmup=0)
+row(impl, "%s %s %dx%d %s" % ("qlora nf4" if nf4 else "lora bf16", shape, B, S, "gc" if gc else "nogc"), B * S / ms * 1e3,
+    "tok/s", ms, torch.cuda.max_memory_allocated() / 2**30, "MFU(4N) %.1f%%" % (100 * 4 * N * B * S / (ms / 1e3) / PEAK_BF16))

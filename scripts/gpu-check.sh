@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# The one GPU check: CUDA correctness (fixtures, NF4 kernel), qdistill's benchmarks, then
+# the PyTorch baselines in the same session, so every ratio compares one GPU's numbers.
+# Run from the repository root on the GPU machine:
+#
+#   scripts/gpu-check.sh [selftest] [bench] [baselines]      (default: all three)
+#
+# Inputs: the CUDA build of the benchmark binary (cargo build --release --features cuda
+# --example gpu_bench, via ../shared/cuda/build.sh) at $QD_BIN (default .carry/gpu_bench);
+# bitsandbytes/liger unpacked under .carry/pysite if the image lacks them.
+# Knobs: QD_SHAPES (default "1b,8b"), QD_ITERS (timed steps, default 3), QD_ONLY (bench
+# case kinds, e.g. "kernels,qlora"; default all), QD_BASELINES
+# (default "kernels 8b-nogc 8b-gc 8b-nf4 1b-nogc"), QD_DEADLINE (seconds from the start
+# after which no further stage starts and running ones are cut, default 570).
+# Logs and the comparison table go to $OUT (default /tmp/gpu-check).
+set -uo pipefail
+OUT="${OUT:-/tmp/gpu-check}"
+mkdir -p "$OUT"
+root="$(pwd)"
+# The baselines sit beside this script's repository (also when the script travels as a copy).
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+BIN="${QD_BIN:-$root/.carry/gpu_bench}"
+export LD_LIBRARY_PATH="/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}" NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
+[[ -d "$root/.carry/pysite" ]] && export PYTHONPATH="$root/.carry/pysite${PYTHONPATH:+:$PYTHONPATH}"
+start=$(date +%s)
+deadline=$((start + ${QD_DEADLINE:-570}))
+# Seconds a stage may take: its own limit, cut to what is left before the deadline.
+budget() { local left=$((deadline - $(date +%s) - 5)); echo $(( left < $1 ? left : $1 )); }
+if [[ ! -x "$BIN" && -f "$BIN.xz" ]]; then
+  # The binary travels compressed (57 MB stripped, 6 MB as xz).
+  python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'))" "$BIN.xz" /tmp/gpu_bench
+  chmod +x /tmp/gpu_bench
+  BIN=/tmp/gpu_bench
+fi
+stages=("$@")
+[[ ${#stages[@]} -eq 0 ]] && stages=(selftest bench baselines)
+want() { [[ " ${stages[*]} " == *" $1 "* ]]; }
+status=0
+
+{
+  date -u +"date %Y-%m-%d %H:%M UTC"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
+  python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'peft', peft.__version__)"
+  python3 -c "import bitsandbytes; print('bitsandbytes', bitsandbytes.__version__)" 2>&1 | tail -1
+} 2>&1 | tee "$OUT/env.txt"
+
+if want selftest; then
+  echo "== selftest"
+  timeout "$(budget 150)" "$BIN" selftest --fixtures "${QD_FIXTURES:-tests/fixtures}" 2>&1 | tee "$OUT/selftest.log" || status=1
+fi
+
+if want bench; then
+  echo "== qdistill bench"
+  timeout "$(budget 360)" "$BIN" bench --shapes "${QD_SHAPES:-1b,8b}" --iters "${QD_ITERS:-3}" ${QD_ONLY:+--only "$QD_ONLY"} 2>&1 | tee "$OUT/bench.log" || status=1
+fi
+
+if want baselines; then
+  echo "== baselines"
+  cd "$here/benches/baselines"
+  run() {
+    local t; t=$(budget "$1")
+    if (( t < 30 )); then echo "-- skipped (deadline): ${*:2}"; return; fi
+    echo "-- ${*:2}"
+    timeout "$t" "${@:2}" 2>&1 | grep -v "Warning\|warn(" | tee -a "$OUT/baselines.log"
+  }
+  for b in ${QD_BASELINES:-kernels 8b-nogc 8b-gc 8b-nf4 1b-nogc}; do
+    case "$b" in
+      kernels) run 120 python3 qd_kernels.py ;;
+      8b-nogc) run 120 python3 hf_peft_step.py 8b 2 2048 nogc --no-teacher ;;
+      8b-gc) run 150 python3 hf_peft_step.py 8b 4 2048 gc ;;
+      8b-nf4) run 180 python3 hf_peft_step.py 8b 4 2048 gc nf4 ;;
+      8b-nf4-nogc) run 150 python3 hf_peft_step.py 8b 2 2048 nogc nf4 --no-teacher ;;
+      1b-nogc) run 90 python3 hf_peft_step.py 1b 2 2048 nogc --no-teacher ;;
+      1b-gc) run 90 python3 hf_peft_step.py 1b 4 2048 gc ;;
+      *) echo "unknown baseline $b" ;;
+    esac
+  done
+  cd "$root"
+fi
+
+if [[ -f "$OUT/bench.log" || -f "$OUT/baselines.log" ]]; then
+  echo "== qdistill vs baselines (same machine, same session)"
+  python3 "$here/benches/baselines/compare.py" "$OUT"/bench.log "$OUT"/baselines.log 2>/dev/null | tee "$OUT/compare.md"
+fi
+if [[ -f "$OUT/selftest.log" ]] && grep -q "| FAIL |" "$OUT/selftest.log"; then
+  echo "selftest: some checks FAILED (see the table above)"
+fi
+exit $status
