@@ -27,6 +27,27 @@ use crate::{Error, Result};
 /// Short names of the block's linears, in a fixed order (also their dropout stream ids).
 const LINEARS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
 
+/// Attention settings of (original) layer `layer`.
+fn attn_config(cfg: &ModelConfig, layer: usize) -> AttnConfig {
+    AttnConfig {
+        n_heads: cfg.num_attention_heads,
+        n_kv_heads: cfg.num_key_value_heads,
+        head_dim: cfg.head_dim,
+        scale: cfg.attn_scale,
+        sliding_window: cfg.layer_window[layer],
+        softcap: cfg.attn_logit_softcapping,
+    }
+}
+
+/// Whether linear `short` carries a bias (Qwen2: q/k/v only, not o_proj).
+fn has_bias(cfg: &ModelConfig, short: &str) -> bool {
+    match short {
+        "q_proj" | "k_proj" | "v_proj" => cfg.attention_bias,
+        "o_proj" => cfg.attention_bias && cfg.model_type != "qwen2",
+        _ => cfg.mlp_bias,
+    }
+}
+
 fn module_path(layer: usize, short: &str) -> String {
     let group = if matches!(short, "gate_proj" | "up_proj" | "down_proj") { "mlp" } else { "self_attn" };
     format!("model.layers.{layer}.{group}.{short}")
@@ -164,11 +185,7 @@ impl Model {
                         BaseWeight::Dense(w.to_dtype(dt)?)
                     }
                 };
-                let has_bias = match short {
-                    "q_proj" | "k_proj" | "v_proj" => cfg.attention_bias,
-                    "o_proj" => cfg.attention_bias && cfg.model_type != "qwen2",
-                    _ => cfg.mlp_bias,
-                };
+                let has_bias = has_bias(cfg, short);
                 let bias = if has_bias {
                     Some(get(&format!("{}.bias", module_path(i, short)), &[outf])?)
                 } else {
@@ -191,14 +208,7 @@ impl Model {
                 ffn_norm,
                 ffn_post_norm,
                 linears,
-                attn: AttnConfig {
-                    n_heads: cfg.num_attention_heads,
-                    n_kv_heads: cfg.num_key_value_heads,
-                    head_dim: cfg.head_dim,
-                    scale: cfg.attn_scale,
-                    sliding_window: cfg.layer_window[i],
-                    softcap: cfg.attn_logit_softcapping,
-                },
+                attn: attn_config(cfg, i),
                 act: cfg.hidden_act.clone(),
             });
         }
@@ -543,11 +553,7 @@ impl Model {
                 let (inf, outf) = cfg.linear_shape(short).expect("known linear");
                 let weight =
                     if opts.nf4 { random_nf4(outf, inf, &mut rng)? } else { BaseWeight::Dense(normal(outf, inf, &mut rng)?) };
-                let has_bias = match short {
-                    "q_proj" | "k_proj" | "v_proj" => cfg.attention_bias,
-                    "o_proj" => cfg.attention_bias && cfg.model_type != "qwen2",
-                    _ => cfg.mlp_bias,
-                };
+                let has_bias = has_bias(cfg, short);
                 let bias = if has_bias { Some(Tensor::zeros(outf, dt, dev)?) } else { None };
                 linears.push(Linear { weight, bias, in_features: inf, out_features: outf, lora: None });
             }
@@ -557,14 +563,7 @@ impl Model {
                 ffn_norm: ones(d)?,
                 ffn_post_norm: if gemma2 { Some(ones(d)?) } else { None },
                 linears,
-                attn: AttnConfig {
-                    n_heads: cfg.num_attention_heads,
-                    n_kv_heads: cfg.num_key_value_heads,
-                    head_dim: cfg.head_dim,
-                    scale: cfg.attn_scale,
-                    sliding_window: cfg.layer_window[i],
-                    softcap: cfg.attn_logit_softcapping,
-                },
+                attn: attn_config(cfg, i),
                 act: cfg.hidden_act,
             });
         }
