@@ -27,8 +27,13 @@ use crate::{Error, Result};
 pub trait Collective: Send + Sync {
     fn rank(&self) -> usize;
     fn world_size(&self) -> usize;
-    /// Sums `buf` over all ranks, in rank order, into every rank's `buf`.
-    fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()>;
+    /// Sums `buf` over all ranks, in rank order, into every rank's `buf`. The default is
+    /// the chained point-to-point reduction over `send`/`recv` (bit-identical on every
+    /// rank); a transport with its own reduction (NCCL) overrides it.
+    fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()> {
+        let mine = buf.to_vec();
+        ordered_all_reduce(self, &[&mine], buf, CHAIN_CHUNK)
+    }
     /// Sends one message to `to`; messages between two ranks arrive in order.
     fn send(&self, to: usize, data: &[u8]) -> Result<()>;
     /// Receives the next message from `from`, blocking until it arrives.
@@ -194,10 +199,6 @@ impl Collective for LocalCollective {
     }
     fn world_size(&self) -> usize {
         self.world
-    }
-    fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()> {
-        let mine = buf.to_vec();
-        ordered_all_reduce(self, &[&mine], buf, CHAIN_CHUNK)
     }
     fn send(&self, to: usize, data: &[u8]) -> Result<()> {
         check_peer(self, to)?;
@@ -491,10 +492,6 @@ impl Collective for TcpCollective {
     fn world_size(&self) -> usize {
         self.world
     }
-    fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()> {
-        let mine = buf.to_vec();
-        ordered_all_reduce(self, &[&mine], buf, CHAIN_CHUNK)
-    }
     fn send(&self, to: usize, data: &[u8]) -> Result<()> {
         let p = self.peer(to)?;
         if self.abort.is_aborted() {
@@ -561,10 +558,6 @@ impl<C: Collective + ?Sized> Collective for SubGroup<'_, C> {
     }
     fn world_size(&self) -> usize {
         self.members.len()
-    }
-    fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()> {
-        let mine = buf.to_vec();
-        ordered_all_reduce(self, &[&mine], buf, CHAIN_CHUNK)
     }
     fn send(&self, to: usize, data: &[u8]) -> Result<()> {
         check_peer(self, to)?;
