@@ -757,31 +757,25 @@ mod tests {
         let addrs = vec![l.local_addr().unwrap().to_string(), other.local_addr().unwrap().to_string()];
         let t0 = Instant::now();
         let flag = AtomicBool::new(false);
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                std::thread::sleep(Duration::from_millis(100));
-                flag.store(true, Ordering::SeqCst);
+        // Connects as `rank` while another thread raises the cancel flag after 100 ms.
+        let expect_cancelled = |rank: usize, listener: &TcpListener, what: &str| {
+            flag.store(false, Ordering::SeqCst);
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    std::thread::sleep(Duration::from_millis(100));
+                    flag.store(true, Ordering::SeqCst);
+                });
+                let e = match TcpCollective::connect_cancellable(rank, &addrs, listener, 0, Duration::from_secs(600), &|| flag.load(Ordering::SeqCst)) {
+                    Err(e) => e.to_string(),
+                    Ok(_) => panic!("{what}"),
+                };
+                assert!(e.contains("cancelled"), "{e}");
             });
-            // Rank 0 waits for a rank 1 that never connects.
-            let e = match TcpCollective::connect_cancellable(0, &addrs, &l, 0, Duration::from_secs(600), &|| flag.load(Ordering::SeqCst)) {
-                Err(e) => e.to_string(),
-                Ok(_) => panic!("nobody connected"),
-            };
-            assert!(e.contains("cancelled"), "{e}");
-        });
+        };
+        // Rank 0 waits for a rank 1 that never connects.
+        expect_cancelled(0, &l, "nobody connected");
         // Rank 1 dials rank 0, whose listener is in the backlog but never answers.
-        flag.store(false, Ordering::SeqCst);
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                std::thread::sleep(Duration::from_millis(100));
-                flag.store(true, Ordering::SeqCst);
-            });
-            let e = match TcpCollective::connect_cancellable(1, &addrs, &other, 0, Duration::from_secs(600), &|| flag.load(Ordering::SeqCst)) {
-                Err(e) => e.to_string(),
-                Ok(_) => panic!("rank 0 never answered"),
-            };
-            assert!(e.contains("cancelled"), "{e}");
-        });
+        expect_cancelled(1, &other, "rank 0 never answered");
         assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
     }
 
