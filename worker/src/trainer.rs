@@ -8,7 +8,6 @@
 //! number of target tokens in the whole accumulated batch, so accumulation is exactly
 //! equivalent to one large batch.
 
-use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
@@ -52,7 +51,7 @@ impl DeviceBatch {
             position_ids: Tensor::from_slice(&b.position_ids, shape, device)?,
             segment_ids: if packed { Some(Tensor::from_slice(&b.segment_ids, shape, device)?) } else { None },
             labels: b.labels.clone(),
-            n_target: b.labels.iter().filter(|&&l| l >= 0).count(),
+            n_target: b.n_target_tokens,
             // Padding sits in segment 0; real tokens are in segments 1.. (packed or not).
             n_tokens: b.segment_ids.iter().filter(|&&s| s != 0).count(),
         })
@@ -200,8 +199,4 @@ impl Default for Throughput {
     fn default() -> Self {
         Self::new()
     }
-}
-
-pub fn output_paths(output_dir: &Path) -> (PathBuf, PathBuf) {
-    (output_dir.join("final_model"), output_dir.join("metrics.jsonl"))
 }
