@@ -5,12 +5,13 @@
 #
 #   scripts/gpu-check.sh [selftest] [bench] [baselines]      (default: all three)
 #
-# Inputs: the CUDA build of the benchmark binary (cargo build --release --features cuda
-# --example gpu_bench, via ../shared/cuda/build.sh) at $QD_BIN (default .carry/gpu_bench);
-# bitsandbytes/liger unpacked under .carry/pysite if the image lacks them.
+# Inputs: the CUDA build of qdistill (../shared/cuda/build.sh --release --features cuda,
+# stripped) at $QD_BIN (default .carry/qdistill, or .carry/qdistill.xz); the Python packages
+# the GPU image lacks (bitsandbytes, liger-kernel, Unsloth) as .carry/pysite.tar.xz
+# (../shared/baselines/make-site.sh), unpacked once to ~/qd-site.
 # Knobs: QD_SHAPES (default "1b,8b"), QD_ITERS (timed steps, default 3), QD_ONLY (bench
 # case kinds, e.g. "kernels,qlora"; default all), QD_BASELINES
-# (default "kernels 8b-nogc 8b-gc 8b-nf4 1b-nogc"), QD_DEADLINE (seconds from the start
+# (default "kernels 8b-nogc 8b-gc 8b-nf4 1b-nogc unsloth-8b-nogc unsloth-8b-nf4"), QD_DEADLINE (seconds from the start
 # after which no further stage starts and running ones are cut, default 570).
 # Logs and the comparison table go to $OUT (default /tmp/gpu-check).
 set -uo pipefail
@@ -19,18 +20,21 @@ mkdir -p "$OUT"
 root="$(pwd)"
 # The baselines sit beside this script's repository (also when the script travels as a copy).
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-BIN="${QD_BIN:-$root/.carry/gpu_bench}"
+BIN="${QD_BIN:-$root/.carry/qdistill}"
 export LD_LIBRARY_PATH="/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}" NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
-[[ -d "$root/.carry/pysite" ]] && export PYTHONPATH="$root/.carry/pysite${PYTHONPATH:+:$PYTHONPATH}"
+if [[ -f "$root/.carry/pysite.tar.xz" && ! -d ~/qd-site ]]; then
+  mkdir -p ~/qd-site && tar -C ~/qd-site -xJf "$root/.carry/pysite.tar.xz"
+fi
+[[ -d ~/qd-site ]] && export PYTHONPATH=~/qd-site${PYTHONPATH:+:$PYTHONPATH}
 start=$(date +%s)
 deadline=$((start + ${QD_DEADLINE:-570}))
 # Seconds a stage may take: its own limit, cut to what is left before the deadline.
 budget() { local left=$((deadline - $(date +%s) - 5)); echo $(( left < $1 ? left : $1 )); }
 if [[ ! -x "$BIN" && -f "$BIN.xz" ]]; then
-  # The binary travels compressed (57 MB stripped, 6 MB as xz).
-  python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'))" "$BIN.xz" /tmp/gpu_bench
-  chmod +x /tmp/gpu_bench
-  BIN=/tmp/gpu_bench
+  # The binary may travel compressed.
+  python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'))" "$BIN.xz" /tmp/qdistill
+  chmod +x /tmp/qdistill
+  BIN=/tmp/qdistill
 fi
 stages=("$@")
 [[ ${#stages[@]} -eq 0 ]] && stages=(selftest bench baselines)
@@ -63,7 +67,7 @@ if want baselines; then
     echo "-- ${*:2}"
     timeout "$t" "${@:2}" 2>&1 | grep -v "Warning\|warn(" | tee -a "$OUT/baselines.log"
   }
-  for b in ${QD_BASELINES:-kernels 8b-nogc 8b-gc 8b-nf4 1b-nogc}; do
+  for b in ${QD_BASELINES:-kernels 8b-nogc 8b-gc 8b-nf4 1b-nogc unsloth-8b-nogc unsloth-8b-nf4}; do
     case "$b" in
       kernels) run 120 python3 qd_kernels.py ;;
       8b-nogc) run 120 python3 hf_peft_step.py 8b 2 2048 nogc --no-teacher ;;
@@ -72,6 +76,10 @@ if want baselines; then
       8b-nf4-nogc) run 150 python3 hf_peft_step.py 8b 2 2048 nogc nf4 --no-teacher ;;
       1b-nogc) run 90 python3 hf_peft_step.py 1b 2 2048 nogc --no-teacher ;;
       1b-gc) run 90 python3 hf_peft_step.py 1b 4 2048 gc ;;
+      unsloth-8b-nogc) run 240 python3 unsloth_step.py 8b 2 2048 nogc ;;
+      unsloth-8b-gc) run 180 python3 unsloth_step.py 8b 4 2048 gc ;;
+      unsloth-8b-nf4) run 180 python3 unsloth_step.py 8b 4 2048 gc nf4 ;;
+      unsloth-1b-nogc) run 120 python3 unsloth_step.py 1b 2 2048 nogc ;;
       *) echo "unknown baseline $b" ;;
     esac
   done

@@ -40,6 +40,18 @@ enum Command {
         #[arg(long)]
         no_progress: bool,
     },
+    /// Show what a job's data becomes: sample and token counts, the masked share, the
+    /// rehearsal mix and the number of optimizer steps; with `--dump`, write every
+    /// micro-batch of the training stream (and the held-out batches) as JSONL.
+    Data {
+        /// The job config (the same file `train` takes).
+        config: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// Write the batches here, one JSON object a line, in training order.
+        #[arg(long, value_name = "FILE")]
+        dump: Option<PathBuf>,
+    },
     /// Serve a job as the cluster coordinator: plans shards and roles, tracks leases,
     /// commits steps, stores checkpoints, re-forms the group when a worker dies.
     Coordinator {
@@ -235,6 +247,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 });
             }
             println!("\n{}", bench::run_bench(&spec)?.table());
+            Ok(())
+        }
+        Command::Data { config, overrides, dump } => {
+            let cfg = qdistill_common::config::load(&config, &overrides)?;
+            let path = qdistill_common::config::resolve_model_path(&cfg.model.model_name_or_path, cfg.model.revision.as_deref(), None)?;
+            let (_, _, tok) = qdistill_worker::models::open(&path)?;
+            let report = qdistill_worker::data_plan::inspect(&cfg, &tok, dump.as_deref())
+                .with_context(|| format!("data of {}", config.display()))?;
+            println!("{}", report.table());
             Ok(())
         }
         Command::Info { model } => {

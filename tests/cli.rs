@@ -80,7 +80,7 @@ fn help_documents_every_subcommand() {
     let o = qdistill(&["--help"]);
     assert!(o.status.success());
     let text = String::from_utf8_lossy(&o.stdout);
-    for sub in ["train", "coordinator", "worker", "status", "info"] {
+    for sub in ["train", "data", "coordinator", "worker", "status", "info"] {
         assert!(text.contains(sub), "--help does not mention `{sub}`:\n{text}");
     }
     let o = qdistill(&["train", "--help"]);
@@ -263,4 +263,79 @@ fn resume_from_checkpoint_continues_bit_exactly() {
         text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap()).collect()
     };
     assert_eq!(loss(&std::fs::read_to_string(out.join("metrics.jsonl")).unwrap()), loss(&metrics_full));
+}
+
+#[test]
+fn data_dump_holds_the_training_stream_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "");
+    let dump = dir.path().join("batches.jsonl");
+    let o = qdistill(&["data", cfg.to_str().unwrap(), "--dump", dump.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report = String::from_utf8_lossy(&o.stdout);
+    assert!(report.contains("training samples 12"), "{report}");
+    assert!(report.contains("optimizer steps 3, 6 micro-batches written"), "{report}");
+    let lines: Vec<serde_json::Value> =
+        std::fs::read_to_string(&dump).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    // 3 steps × 2 micro-batches, no eval data in this job.
+    assert_eq!(lines.len(), 6);
+    let mut seen = Vec::new();
+    for (i, l) in lines.iter().enumerate() {
+        assert_eq!(l["split"], "train");
+        assert_eq!(l["step"].as_u64().unwrap() as usize, i / 2 + 1);
+        assert_eq!(l["micro"].as_u64().unwrap() as usize, i % 2);
+        let (b, t) = (l["batch"].as_u64().unwrap() as usize, l["seq_len"].as_u64().unwrap() as usize);
+        let ids: Vec<i64> = serde_json::from_value(l["input_ids"].clone()).unwrap();
+        let labels: Vec<i64> = serde_json::from_value(l["labels"].clone()).unwrap();
+        let seg: Vec<i64> = serde_json::from_value(l["segment_ids"].clone()).unwrap();
+        assert_eq!((ids.len(), labels.len()), (b * t, b * t));
+        // HF's shift: a trained position predicts the next token of the same sample.
+        for r in 0..b {
+            for p in 0..t {
+                let k = r * t + p;
+                if labels[k] != -100 {
+                    assert!(p + 1 < t && seg[k + 1] == seg[k], "row {r} position {p}: a label past its sample");
+                    assert_eq!(labels[k], ids[k + 1], "row {r} position {p}: label is not the next token");
+                }
+            }
+        }
+        let n_target = labels.iter().filter(|&&x| x != -100).count();
+        assert_eq!(l["n_target_tokens"].as_u64().unwrap() as usize, n_target);
+        seen.extend(l["sample_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()));
+    }
+    // 12 samples in batches of 2: the first epoch (6 batches) shows each sample once.
+    seen.sort();
+    assert_eq!(seen, (0..12).collect::<Vec<u64>>());
+}
+
+#[test]
+fn training_can_start_from_a_saved_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "");
+    let o = qdistill(&["train", cfg.to_str().unwrap(), "--no-progress"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let first = dir.path().join("first");
+    std::fs::rename(dir.path().join("out/final_model"), &first).unwrap();
+    std::fs::remove_dir_all(dir.path().join("out")).unwrap();
+    // One step that is all warmup runs at HF's warmup rate for step 0, which is zero: AdamW
+    // moves nothing, so the result is the start.
+    let start = format!("lora.adapter_name_or_path={}", first.display());
+    let o = qdistill(&[
+        "train", cfg.to_str().unwrap(), "--no-progress", "--set", &start, "--set", "max_steps=1", "--set", "warmup_steps=1",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let load = |p: &Path| candle_core::safetensors::load(p.join("adapter_model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let (a, b) = (load(&first), load(&dir.path().join("out/final_model")));
+    assert_eq!(a.len(), b.len());
+    for (name, t) in &a {
+        let (x, y) = (t.flatten_all().unwrap().to_vec1::<f32>().unwrap(), b[name].flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        assert_eq!(x, y, "{name} changed");
+    }
+    // A different rank is refused with both values named, before anything is written.
+    std::fs::remove_dir_all(dir.path().join("out")).unwrap();
+    let o = qdistill(&["train", cfg.to_str().unwrap(), "--no-progress", "--set", &start, "--set", "lora.r=8"]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("r=4") && e.contains("r=8") && e.contains("adapter_name_or_path"), "{e}");
+    assert!(!dir.path().join("out").exists(), "a refused start left {}", dir.path().join("out").display());
 }

@@ -51,6 +51,7 @@ const SECTIONS: &[(&str, &[&str])] = &[
             "target_modules",
             "use_rslora",
             "bias",
+            "adapter_name_or_path",
         ],
     ),
     (
@@ -334,6 +335,9 @@ struct RawLora {
     use_rslora: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     bias: Option<String>,
+    /// A PEFT adapter directory to start from instead of a fresh initialisation.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    adapter_name_or_path: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
@@ -647,6 +651,9 @@ pub struct LoraSection {
     pub lora_dropout: f64,
     pub target_modules: TargetModules,
     pub use_rslora: bool,
+    /// Start from this PEFT adapter (adapter_config.json + adapter_model.safetensors) instead
+    /// of PEFT's initialisation (A random, B zero); r and target modules must match.
+    pub adapter_name_or_path: Option<PathBuf>,
 }
 
 impl LoraSection {
@@ -1131,6 +1138,7 @@ fn validate(raw: RawConfig) -> VResult<TrainConfig> {
         )?,
         target_modules,
         use_rslora: lora.use_rslora.unwrap_or(false),
+        adapter_name_or_path: lora.adapter_name_or_path.map(PathBuf::from),
     };
 
     // [distill]
@@ -1660,6 +1668,7 @@ impl TrainConfig {
                     }
                 }),
                 use_rslora: Some(self.lora.use_rslora),
+                adapter_name_or_path: self.lora.adapter_name_or_path.as_deref().map(path_str),
                 bias: Some("none".into()),
             },
             distill: RawDistill {

@@ -122,3 +122,98 @@ impl DataPlan {
         Batcher::new(self.train.clone(), self.opts.clone())
     }
 }
+
+/// What `qdistill data` reports about a job's data: the sizes the trainer will see.
+pub struct DataReport {
+    pub n_main: usize,
+    pub n_rehearsal: usize,
+    pub eval_batches: usize,
+    pub eval_rehearsal_batches: usize,
+    pub tokens: usize,
+    pub trained_tokens: usize,
+    pub max_len: usize,
+    pub total_steps: usize,
+    pub micro_batches_written: usize,
+}
+
+impl DataReport {
+    pub fn table(&self) -> String {
+        let n = (self.n_main + self.n_rehearsal).max(1);
+        format!(
+            "training samples {} ({} main + {} rehearsal = {:.1}% rehearsal)\n\
+             tokens {} ({:.1} per sample, longest {}), of which trained {} ({:.1}%; the rest are prompt tokens masked with -100)\n\
+             held-out batches: {} main, {} rehearsal\n\
+             optimizer steps {}{}",
+            self.n_main + self.n_rehearsal,
+            self.n_main,
+            self.n_rehearsal,
+            100.0 * self.n_rehearsal as f64 / n as f64,
+            self.tokens,
+            self.tokens as f64 / n as f64,
+            self.max_len,
+            self.trained_tokens,
+            100.0 * self.trained_tokens as f64 / self.tokens.max(1) as f64,
+            self.eval_batches,
+            self.eval_rehearsal_batches,
+            self.total_steps,
+            if self.micro_batches_written > 0 { format!(", {} micro-batches written", self.micro_batches_written) } else { String::new() }
+        )
+    }
+}
+
+fn batch_json(split: &str, step: Option<usize>, micro: usize, b: &Batch) -> serde_json::Value {
+    serde_json::json!({
+        "split": split, "step": step, "micro": micro, "batch": b.batch, "seq_len": b.seq_len,
+        "input_ids": b.input_ids, "labels": b.labels, "position_ids": b.position_ids,
+        "segment_ids": b.segment_ids, "sample_ids": b.sample_ids, "n_target_tokens": b.n_target_tokens,
+    })
+}
+
+/// Builds the job's data exactly as `train` does and reports its sizes. With `dump`, also
+/// writes, one JSON object a line, every micro-batch of the training stream in the order
+/// the optimizer steps consume them (`split: "train"`, `step` from 1, `micro`), then the
+/// held-out batches (`split: "eval"` / `"eval_rehearsal"`): token ids, shifted labels,
+/// positions and packing segments, so another trainer can be fed the identical stream.
+pub fn inspect(cfg: &TrainConfig, tok: &TokenizerInfo, dump: Option<&std::path::Path>) -> anyhow::Result<DataReport> {
+    use anyhow::Context;
+    use std::io::Write;
+    let plan = build(cfg, tok)?;
+    let t = &cfg.training;
+    let total_steps = plan.total_steps(t.max_steps, t.num_train_epochs, t.gradient_accumulation_steps)?;
+    let samples = &plan.train.samples;
+    let mut report = DataReport {
+        n_main: plan.n_main,
+        n_rehearsal: plan.n_rehearsal,
+        eval_batches: plan.eval.len(),
+        eval_rehearsal_batches: plan.eval_rehearsal.len(),
+        tokens: samples.iter().map(|s| s.len()).sum(),
+        trained_tokens: samples.iter().map(|s| s.n_trained()).sum(),
+        max_len: samples.iter().map(|s| s.len()).max().unwrap_or(0),
+        total_steps,
+        micro_batches_written: 0,
+    };
+    if let Some(path) = dump {
+        // Written beside the target and renamed at the end: a failed dump leaves no
+        // half-written file under the name another tool will read.
+        let tmp = path.with_extension("jsonl.partial");
+        let file = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        let mut w = std::io::BufWriter::new(file);
+        let mut write = |v: serde_json::Value| writeln!(w, "{v}").with_context(|| format!("writing {}", tmp.display()));
+        let mut stream = plan.train_stream()?;
+        for step in 0..total_steps {
+            for micro in 0..t.gradient_accumulation_steps {
+                write(batch_json("train", Some(step + 1), micro, &stream.next_batch()))?;
+                report.micro_batches_written += 1;
+            }
+        }
+        for (split, batches) in [("eval", &plan.eval), ("eval_rehearsal", &plan.eval_rehearsal)] {
+            for (i, b) in batches.iter().enumerate() {
+                write(batch_json(split, None, i, b))?;
+            }
+        }
+        drop(write);
+        w.into_inner().map_err(|e| anyhow::anyhow!("writing {}: {}", tmp.display(), e.error()))?.sync_all()?;
+        std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    }
+    Ok(report)
+}

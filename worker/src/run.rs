@@ -45,6 +45,19 @@ pub struct TrainSummary {
 }
 
 impl TrainSummary {
+    /// What `all_results.json` holds (HF Trainer's name for the run's closing numbers):
+    /// throughput and the held-out / rehearsal CE and KL at T = 1 before and after.
+    pub fn results_json(&self) -> serde_json::Value {
+        let eval = |e: &Option<LossSums>| e.map(|e| serde_json::json!({ "ce": e.ce_mean(), "kl": e.kd_mean(), "tokens": e.tokens }));
+        serde_json::json!({
+            "steps": self.steps, "tokens": self.tokens, "target_tokens": self.target_tokens,
+            "train_runtime": self.seconds, "train_tokens_per_second": self.tokens as f64 / self.seconds.max(1e-9),
+            "train_loss": self.last_loss,
+            "eval_before": eval(&self.eval_before), "eval_after": eval(&self.eval_after),
+            "rehearsal_before": eval(&self.rehearsal_before), "rehearsal_after": eval(&self.rehearsal_after),
+        })
+    }
+
     pub fn table(&self) -> String {
         let mut s = String::new();
         s.push_str(&format!(
@@ -160,7 +173,10 @@ pub fn prepare(cfg: &TrainConfig) -> anyhow::Result<Prepared> {
         target_modules: cfg.lora.target_modules.names(),
     };
     let modules = student.model.attach_lora(&spec)?;
-    let params = LoraParams::init(&spec, &modules, cfg.seed);
+    let mut params = LoraParams::init(&spec, &modules, cfg.seed);
+    if let Some(dir) = &cfg.lora.adapter_name_or_path {
+        start_from_adapter(&mut params, dir)?;
+    }
     let data = data_plan::build(cfg, &student.tokenizer)?;
     let mut loss = loss_config(cfg);
     loss.student_softcap = student.model.cfg.final_logit_softcapping;
@@ -179,6 +195,30 @@ pub fn prepare(cfg: &TrainConfig) -> anyhow::Result<Prepared> {
         data,
         device,
     })
+}
+
+/// Replaces the fresh initialisation of `params` by a saved PEFT adapter (continued
+/// training, or a shared starting point for comparing trainers). The adapter must have the
+/// config's rank and scaling: a different alpha would silently rescale what it learned.
+fn start_from_adapter(params: &mut LoraParams, dir: &Path) -> anyhow::Result<()> {
+    let (acfg, tensors) = load_adapter(dir).with_context(|| format!("lora.adapter_name_or_path = {}", dir.display()))?;
+    let spec = &params.spec;
+    if acfg.r != spec.r || acfg.lora_alpha != spec.lora_alpha || acfg.use_rslora != spec.use_rslora {
+        bail!(
+            "lora.adapter_name_or_path = {}: the adapter has r={}, lora_alpha={}, use_rslora={} but the config \
+             asks for r={}, lora_alpha={}, use_rslora={}; set [lora] to the adapter's values",
+            dir.display(),
+            acfg.r,
+            acfg.lora_alpha,
+            acfg.use_rslora,
+            spec.r,
+            spec.lora_alpha,
+            spec.use_rslora
+        );
+    }
+    params.load_peft_tensors(&tensors, &dir.join("adapter_model.safetensors"))?;
+    tracing::info!(dir = %dir.display(), "starting from a saved adapter");
+    Ok(())
 }
 
 /// `qdistill train`: load, train, evaluate, save.
@@ -289,7 +329,7 @@ pub fn train(config_path: &Path, overrides: &[String], progress: bool) -> anyhow
         let p = dir.join("qdistill_config.toml");
         std::fs::write(&p, &resolved).map_err(|e| qdistill_common::Error::io(&p, e))
     })?;
-    Ok(TrainSummary {
+    let summary = TrainSummary {
         steps: total_steps - start_step,
         tokens,
         seconds,
@@ -301,7 +341,11 @@ pub fn train(config_path: &Path, overrides: &[String], progress: bool) -> anyhow
         target_tokens,
         output: out,
         base_bytes: student.model.base_memory_bytes(),
-    })
+    };
+    let results = cfg.output_dir.join("all_results.json");
+    let text = serde_json::to_string_pretty(&summary.results_json())?;
+    std::fs::write(&results, text + "\n").with_context(|| format!("writing {}", results.display()))?;
+    Ok(summary)
 }
 
 /// What a `checkpoint-<step>/` holds, HF-style: the adapter in PEFT layout, the optimizer
