@@ -39,6 +39,10 @@ enum Command {
         /// Hide the progress bar (logs still go to stderr).
         #[arg(long)]
         no_progress: bool,
+        /// Where to train: "cpu" or "cuda:N" (the same as `--set device=…`; the config's
+        /// `teacher_device` can put a separate teacher on another GPU).
+        #[arg(long)]
+        device: Option<String>,
     },
     /// Show what a job's data becomes: sample and token counts, the masked share, the
     /// rehearsal mix and the number of optimizer steps; with `--dump`, write every
@@ -166,7 +170,10 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Train { config, overrides, no_progress } => {
+        Command::Train { config, mut overrides, no_progress, device } => {
+            if let Some(d) = device {
+                overrides.push(format!("device={d}"));
+            }
             let summary = qdistill_worker::run::train(&config, &overrides, !no_progress)
                 .with_context(|| format!("training with {}", config.display()))?;
             println!("{}", summary.table());

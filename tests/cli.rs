@@ -319,7 +319,7 @@ fn training_can_start_from_a_saved_adapter() {
     std::fs::remove_dir_all(dir.path().join("out")).unwrap();
     // One step that is all warmup runs at HF's warmup rate for step 0, which is zero: AdamW
     // moves nothing, so the result is the start.
-    let start = format!("lora.adapter_name_or_path={}", first.display());
+    let start = format!("model.adapter_name_or_path={}", first.display());
     let o = qdistill(&[
         "train", cfg.to_str().unwrap(), "--no-progress", "--set", &start, "--set", "max_steps=1", "--set", "warmup_steps=1",
     ]);

@@ -790,7 +790,6 @@ mod tests {
             lora_dropout: 0.1,
             target_modules: TargetModules::Names(names.iter().map(|s| s.to_string()).collect()),
             use_rslora: false,
-            adapter_name_or_path: None,
         }
     }
 

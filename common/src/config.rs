@@ -22,7 +22,7 @@ type VResult<T> = std::result::Result<T, String>;
 // Schema: the keys each section accepts. Kept next to the raw structs below; a test checks
 // that both agree.
 
-const TOP_KEYS: &[&str] = &["output_dir", "seed", "device"];
+const TOP_KEYS: &[&str] = &["output_dir", "seed", "device", "student_device", "teacher_device"];
 
 const SECTIONS: &[(&str, &[&str])] = &[
     (
@@ -36,6 +36,7 @@ const SECTIONS: &[(&str, &[&str])] = &[
             "quantization",
             "bnb_4bit_use_double_quant",
             "bnb_4bit_quant_type",
+            "adapter_name_or_path",
         ],
     ),
     (
@@ -51,7 +52,6 @@ const SECTIONS: &[(&str, &[&str])] = &[
             "target_modules",
             "use_rslora",
             "bias",
-            "adapter_name_or_path",
         ],
     ),
     (
@@ -285,6 +285,10 @@ struct RawTop {
     seed: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     device: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    student_device: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    teacher_device: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
@@ -306,6 +310,9 @@ struct RawModel {
     bnb_4bit_use_double_quant: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     bnb_4bit_quant_type: Option<String>,
+    /// A PEFT adapter directory to start from instead of a fresh initialisation.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    adapter_name_or_path: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
@@ -335,9 +342,6 @@ struct RawLora {
     use_rslora: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     bias: Option<String>,
-    /// A PEFT adapter directory to start from instead of a fresh initialisation.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    adapter_name_or_path: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
@@ -632,6 +636,10 @@ pub struct ModelSection {
     pub quantization: Quantization,
     /// Quantize the NF4 absmax values again (8-bit, blocksize 256), as bitsandbytes does.
     pub bnb_4bit_use_double_quant: bool,
+    /// Start the adapters from this PEFT adapter (adapter_config.json +
+    /// adapter_model.safetensors) instead of PEFT's initialisation (A random, B zero):
+    /// continued training, or one starting point shared with another trainer.
+    pub adapter_name_or_path: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -651,9 +659,6 @@ pub struct LoraSection {
     pub lora_dropout: f64,
     pub target_modules: TargetModules,
     pub use_rslora: bool,
-    /// Start from this PEFT adapter (adapter_config.json + adapter_model.safetensors) instead
-    /// of PEFT's initialisation (A random, B zero); r and target modules must match.
-    pub adapter_name_or_path: Option<PathBuf>,
 }
 
 impl LoraSection {
@@ -739,7 +744,12 @@ impl TrainingSection {
 pub struct TrainConfig {
     pub output_dir: PathBuf,
     pub seed: u64,
+    /// Where the student trains (`student_device`, else `device`).
     pub device: Device,
+    /// Where a separate teacher model runs (`teacher_device`, else the student's device):
+    /// a second GPU holds the teacher's weights and forward, and only its final hidden
+    /// states cross to the student's GPU.
+    pub teacher_device: Device,
     pub model: ModelSection,
     pub teacher: TeacherSection,
     pub lora: LoraSection,
@@ -964,6 +974,11 @@ fn validate(raw: RawConfig) -> VResult<TrainConfig> {
     )?;
     let device = Device::parse_str(top.device.as_deref().unwrap_or("cpu"))
         .map_err(|e| format!("`device`: {e}"))?;
+    let parse_dev = |key: &str, v: Option<&str>, default: Device| -> VResult<Device> {
+        v.map_or(Ok(default), |s| Device::parse_str(s).map_err(|e| format!("`{key}`: {e}")))
+    };
+    let device = parse_dev("student_device", top.student_device.as_deref(), device)?;
+    let teacher_device = parse_dev("teacher_device", top.teacher_device.as_deref(), device)?;
 
     // [model]
     let model_path = non_empty(
@@ -1033,6 +1048,7 @@ fn validate(raw: RawConfig) -> VResult<TrainConfig> {
         keep_layers,
         quantization,
         bnb_4bit_use_double_quant: model.bnb_4bit_use_double_quant.unwrap_or(true),
+        adapter_name_or_path: model.adapter_name_or_path.map(PathBuf::from),
     };
 
     // [teacher]
@@ -1058,6 +1074,12 @@ fn validate(raw: RawConfig) -> VResult<TrainConfig> {
         },
         TeacherMode::Lwf | TeacherMode::None => {
             let m = name_of(mode, TEACHER_MODES);
+            check(teacher_device == device, || {
+                format!(
+                    "`teacher_device` = {teacher_device} but `teacher.mode` = {m:?} has no separate teacher model \
+                     (LwF uses the student's own base on the student's device); remove `teacher_device`"
+                )
+            })?;
             if teacher.model_name_or_path.is_some() {
                 return Err(format!(
                     "`teacher.model_name_or_path` is set but `teacher.mode` = {m:?} has no separate teacher model; use mode \"model\""
@@ -1138,7 +1160,6 @@ fn validate(raw: RawConfig) -> VResult<TrainConfig> {
         )?,
         target_modules,
         use_rslora: lora.use_rslora.unwrap_or(false),
-        adapter_name_or_path: lora.adapter_name_or_path.map(PathBuf::from),
     };
 
     // [distill]
@@ -1370,6 +1391,7 @@ fn validate(raw: RawConfig) -> VResult<TrainConfig> {
         output_dir: PathBuf::from(output_dir),
         seed: top.seed.unwrap_or(42),
         device,
+        teacher_device,
         model: model_section,
         teacher: teacher_section,
         lora: lora_section,
@@ -1637,6 +1659,8 @@ impl TrainConfig {
                 output_dir: Some(path_str(&self.output_dir)),
                 seed: Some(self.seed),
                 device: Some(self.device.to_string()),
+                student_device: None,
+                teacher_device: (self.teacher_device != self.device).then(|| self.teacher_device.to_string()),
             },
             model: RawModel {
                 model_name_or_path: Some(m.model_name_or_path.clone()),
@@ -1650,6 +1674,7 @@ impl TrainConfig {
                 quantization: Some(name_of(m.quantization, QUANTIZATIONS).to_string()),
                 bnb_4bit_use_double_quant: Some(m.bnb_4bit_use_double_quant),
                 bnb_4bit_quant_type: Some("nf4".into()),
+                adapter_name_or_path: m.adapter_name_or_path.as_deref().map(path_str),
             },
             teacher: RawTeacher {
                 mode: Some(name_of(t.mode, TEACHER_MODES).to_string()),
@@ -1668,7 +1693,6 @@ impl TrainConfig {
                     }
                 }),
                 use_rslora: Some(self.lora.use_rslora),
-                adapter_name_or_path: self.lora.adapter_name_or_path.as_deref().map(path_str),
                 bias: Some("none".into()),
             },
             distill: RawDistill {
@@ -2027,6 +2051,27 @@ train_file = "train.jsonl"
         parse(text, ConfigFormat::Toml, "job.toml", &[])
     }
 
+    #[test]
+    fn teacher_and_student_devices_default_to_device() {
+        let c = toml_cfg(&format!("device = \"cuda:0\"\n{MINIMAL}\n[teacher]\nmode = \"model\"")).unwrap();
+        assert_eq!((c.device, c.teacher_device), (Device::Cuda(0), Device::Cuda(0)));
+        let c = toml_cfg(&format!(
+            "device = \"cuda:0\"\nteacher_device = \"cuda:1\"\n{MINIMAL}\n[teacher]\nmode = \"model\""
+        ))
+        .unwrap();
+        assert_eq!((c.device, c.teacher_device), (Device::Cuda(0), Device::Cuda(1)));
+        // The resolved config keeps the split, and reads back to the same devices.
+        let again = toml_cfg(&c.to_toml_string().unwrap()).unwrap();
+        assert_eq!((again.device, again.teacher_device), (Device::Cuda(0), Device::Cuda(1)));
+        let c = toml_cfg(&format!("student_device = \"cuda:2\"\n{MINIMAL}\n[teacher]\nmode = \"model\"")).unwrap();
+        assert_eq!((c.device, c.teacher_device), (Device::Cuda(2), Device::Cuda(2)));
+        // LwF has no teacher model to place: a teacher_device there is a mistake.
+        let e = err_of(toml_cfg(&format!("teacher_device = \"cuda:1\"\n{MINIMAL}\n[teacher]\nmode = \"lwf\"")));
+        assert!(e.contains("teacher_device") && e.contains("lwf"), "{e}");
+        let e = err_of(toml_cfg(&format!("teacher_device = \"gpu1\"\n{MINIMAL}")));
+        assert!(e.contains("teacher_device"), "{e}");
+    }
+
     fn err_of(r: Result<TrainConfig>) -> String {
         match r {
             Ok(c) => panic!("expected an error, got {c:?}"),
@@ -2303,7 +2348,15 @@ training:
         let mut want: Vec<String> = known_keys()
             .into_iter()
             .filter(|k| {
-                !["model.torch_dtype", "distill.alpha", "data.eval_file"].contains(&k.as_str())
+                ![
+                    "model.torch_dtype",
+                    "model.adapter_name_or_path",
+                    "distill.alpha",
+                    "data.eval_file",
+                    "student_device",
+                    "teacher_device",
+                ]
+                .contains(&k.as_str())
             })
             .collect();
         want.sort();

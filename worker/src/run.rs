@@ -174,7 +174,7 @@ pub fn prepare(cfg: &TrainConfig) -> anyhow::Result<Prepared> {
     };
     let modules = student.model.attach_lora(&spec)?;
     let mut params = LoraParams::init(&spec, &modules, cfg.seed);
-    if let Some(dir) = &cfg.lora.adapter_name_or_path {
+    if let Some(dir) = &cfg.model.adapter_name_or_path {
         start_from_adapter(&mut params, dir)?;
     }
     let data = data_plan::build(cfg, &student.tokenizer)?;
@@ -201,11 +201,11 @@ pub fn prepare(cfg: &TrainConfig) -> anyhow::Result<Prepared> {
 /// training, or a shared starting point for comparing trainers). The adapter must have the
 /// config's rank and scaling: a different alpha would silently rescale what it learned.
 fn start_from_adapter(params: &mut LoraParams, dir: &Path) -> anyhow::Result<()> {
-    let (acfg, tensors) = load_adapter(dir).with_context(|| format!("lora.adapter_name_or_path = {}", dir.display()))?;
+    let (acfg, tensors) = load_adapter(dir).with_context(|| format!("model.adapter_name_or_path = {}", dir.display()))?;
     let spec = &params.spec;
     if acfg.r != spec.r || acfg.lora_alpha != spec.lora_alpha || acfg.use_rslora != spec.use_rslora {
         bail!(
-            "lora.adapter_name_or_path = {}: the adapter has r={}, lora_alpha={}, use_rslora={} but the config \
+            "model.adapter_name_or_path = {}: the adapter has r={}, lora_alpha={}, use_rslora={} but the config \
              asks for r={}, lora_alpha={}, use_rslora={}; set [lora] to the adapter's values",
             dir.display(),
             acfg.r,
