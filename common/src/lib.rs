@@ -15,6 +15,7 @@ pub mod error;
 pub mod kernels;
 pub mod lora;
 pub mod loss;
+pub mod merge;
 pub mod model;
 pub mod nf4;
 pub mod ops;
