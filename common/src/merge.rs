@@ -607,7 +607,7 @@ mod tests {
     use safetensors::SafeTensors;
 
     use super::*;
-    use crate::checkpoint::save_adapter;
+    use crate::checkpoint::{save_adapter, AdapterConfig};
     use crate::model::decoder::{LoadOptions, StepCtx};
     use crate::model::Model;
     use crate::tokenizer::test_assets;
@@ -837,6 +837,89 @@ mod tests {
         let e = merge_adapter(&models().join("llama"), &dir, &out, &f32_opts()).unwrap_err().to_string();
         assert!(e.contains("not-an-adapter") && e.contains("no adapter_config.json"), "{e}");
         assert!(!out.exists());
+    }
+
+    /// SmolLM2 from GGUF, depth-pruned to layers 0 and 29, with a random adapter on q, k and
+    /// down projections: the merged directory, read back by our HF-directory loader, must
+    /// give the logits of the GGUF model running the adapter unmerged (the LoRA branch of
+    /// the forward pass), and its tokenizer files must tokenize like transformers.
+    #[test]
+    fn gguf_base_merges_into_an_hf_directory() {
+        use crate::config::{LoraSection, TargetModules};
+        use crate::lora::{LoraParams, LoraSpec};
+        use crate::tokenizer::load_hf_tokenizer;
+        let Some(gguf) = test_assets::smollm2_gguf() else { return };
+        let tmp = tempfile::tempdir().unwrap();
+        let keep = vec![0, 29];
+        let targets: Vec<String> = ["q_proj", "k_proj", "down_proj"].map(String::from).to_vec();
+        let spec = LoraSpec { r: 2, lora_alpha: 4.0, lora_dropout: 0.0, use_rslora: false, target_modules: targets.clone() };
+
+        let store = WeightStore::open(&gguf).unwrap();
+        let cfg = ModelConfig::from_json(&hf_config_from_gguf(store.gguf_content().unwrap(), &gguf).unwrap(), &gguf).unwrap();
+        let opts = LoadOptions { keep_layers: Some(keep.clone()), nf4: false, double_quant: false, device: Device::Cpu, dtype: DType::F32 };
+        let mut model = Model::load(&store, &cfg, &opts).unwrap();
+        let modules = model.attach_lora(&spec).unwrap();
+        let mut tensors = Vec::new();
+        for (k, (m, inp, out)) in modules.iter().enumerate() {
+            let a = Tensor::randn(0f32, 0.05, (2, *inp), &Device::Cpu).unwrap();
+            // Different per module, so that a module merged into the wrong weight shows.
+            let b = Tensor::randn(0f32, 0.05 * (1.0 + k as f32 / 4.0), (*out, 2), &Device::Cpu).unwrap();
+            tensors.push((format!("base_model.model.{m}.lora_A.weight"), a));
+            tensors.push((format!("base_model.model.{m}.lora_B.weight"), b));
+        }
+        let section = LoraSection { r: 2, lora_alpha: 4.0, lora_dropout: 0.0, target_modules: TargetModules::Names(targets), use_rslora: false };
+        let adapter = tmp.path().join("adapter");
+        save_adapter(&adapter, &tensors, &AdapterConfig::new(None, &section)).unwrap();
+        let mut params = LoraParams::init(&spec, &modules, 0);
+        params.load_peft_tensors(&tensors, &adapter).unwrap();
+        let lora = params.to_device(&Device::Cpu, DType::F32).unwrap();
+
+        let out = tmp.path().join("merged");
+        let mopts = MergeOptions { keep_layers: Some(keep), ..f32_opts() };
+        let rep = merge_adapter(&gguf, &adapter, &out, &mopts).unwrap();
+        assert_eq!((rep.merged_modules, rep.num_hidden_layers, rep.from_gguf), (6, 2, true));
+
+        let reference = test_assets::read_fixture("smollm2/reference.json");
+        let ids_all = test_assets::ids_of(&reference["input_ids"]);
+        let ids = Tensor::from_slice(&ids_all[..16], (1, 16), &Device::Cpu).unwrap();
+        let pos = Tensor::arange(0u32, 16, &Device::Cpu).unwrap().reshape((1, 16)).unwrap();
+        let with = StepCtx { position_ids: &pos, segment_ids: None, lora: Some(&lora), dropout_seed: None };
+        let without = StepCtx { lora: None, ..with };
+        let unmerged = model.logits(&model.forward_hidden(&ids, &with).unwrap()).unwrap();
+        let base = model.logits(&model.forward_hidden(&ids, &without).unwrap()).unwrap();
+        let merged = our_logits(&out, &ids);
+        let (d, effect) = (max_abs_diff(&merged, &unmerged), max_abs_diff(&base, &unmerged));
+        eprintln!("GGUF merge: max |Δlogits| merged vs unmerged {d:.2e}; adapter effect {effect:.2}");
+        assert!(effect > 0.5 && d < 1e-3 * effect.max(1.0), "merged vs unmerged {d:.3e}, adapter effect {effect:.3e}");
+
+        let cfg_out: Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+        assert_eq!(cfg_out["num_hidden_layers"], 2);
+        assert_eq!(cfg_out["architectures"], json!(["LlamaForCausalLM"]));
+        // transformers' ids of the reference text (GGUF tokenizer, no special tokens).
+        let tok = load_hf_tokenizer(&out).unwrap();
+        let text = reference["eval_text"].as_str().unwrap();
+        assert_eq!(tok.encode(text, false).unwrap(), ids_all);
+        assert_eq!(tok.encode(text, true).unwrap(), ids_all, "add_bos_token is false for SmolLM2");
+        let gguf_tok = test_assets::smollm2().unwrap();
+        assert_eq!((tok.eos_id, tok.bos_id, tok.pad_id, tok.add_bos), (gguf_tok.eos_id, gguf_tok.bos_id, gguf_tok.pad_id, false));
+        assert_eq!(tok.chat_template, gguf_tok.chat_template);
+        assert_eq!(tok.special_ids(), gguf_tok.special_ids());
+    }
+
+    #[test]
+    fn bos_post_processor_when_the_gguf_adds_bos() {
+        use crate::tokenizer::load_hf_tokenizer;
+        let Some(mut tok) = test_assets::smollm2() else { return };
+        tok.add_bos = true;
+        let dir = tempfile::tempdir().unwrap();
+        write_gguf_tokenizer(dir.path(), &tok, None, 2048).unwrap();
+        let back = load_hf_tokenizer(dir.path()).unwrap();
+        assert!(back.add_bos);
+        let plain = tok.encode("Hello world", false).unwrap();
+        let with = back.encode("Hello world", true).unwrap();
+        assert_eq!(with[0], tok.bos_id.unwrap());
+        assert_eq!(&with[1..], plain.as_slice());
+        assert_eq!(back.encode("Hello world", false).unwrap(), plain);
     }
 
     #[test]
