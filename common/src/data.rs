@@ -187,7 +187,15 @@ fn read_parquet(reader: &mut RecordReader) -> Result<()> {
                 Some(r) => format!("row group {g}, row {r}"),
                 None => format!("row group {g}"),
             };
-            Error::format(path, format!("{place}: cannot decode: {e}"))
+            // Only snappy (pyarrow's and `datasets`' default) is built in, to keep the
+            // build small; say how to get a readable file.
+            let hint = if e.to_string().contains("Disabled feature at compile time") {
+                "; this build reads uncompressed and snappy-compressed Parquet: rewrite the file with \
+                 pyarrow.parquet.write_table(table, path, compression=\"snappy\")"
+            } else {
+                ""
+            };
+            Error::format(path, format!("{place}: cannot decode: {e}{hint}"))
         };
         let group = pq.get_row_group(g).map_err(|e| at(None, e))?;
         let rows = group.get_row_iter(None).map_err(|e| at(None, e))?;
@@ -1308,6 +1316,13 @@ mod tests {
         );
         let r = read_records(&p, DataFormat::Auto, true).unwrap();
         assert_eq!((r.records.len(), r.skipped), (3, 1));
+        // A codec this build leaves out is named, with what to do about it.
+        let p = data_fixture("text_zstd.parquet");
+        let err = read_records(&p, DataFormat::Auto, true).unwrap_err().to_string();
+        assert!(
+            err.contains("text_zstd.parquet: row group 0") && err.contains("zstd") && err.contains("compression=\"snappy\""),
+            "{err}"
+        );
     }
 
     #[test]
