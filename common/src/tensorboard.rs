@@ -161,6 +161,8 @@ mod tests {
         !crc
     }
 
+    /// Written as TensorFlow's crc32c.h spells it, not with the writer's rotate_right.
+    #[allow(clippy::manual_rotate)]
     fn masked(data: &[u8]) -> u32 {
         let c = crc32c_naive(data);
         ((c >> 15) | (c << 17)).wrapping_add(0xa282_ead8)
