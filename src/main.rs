@@ -144,6 +144,34 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         warmup: usize,
     },
+    /// Fold a LoRA adapter into its base model (W + scaling·B·A, as PEFT's
+    /// merge_and_unload) and write an HF model directory that transformers loads.
+    ///
+    /// The base may be an HF directory (dense or bitsandbytes 4-bit), a .safetensors file,
+    /// a GGUF file or a hub id; quantized bases are dequantized first. An adapter trained
+    /// on a depth-pruned student gives that student (the kept layers, renumbered).
+    Merge {
+        /// The base model (default: the adapter's base_model_name_or_path).
+        #[arg(long)]
+        model: Option<String>,
+        /// The adapter directory (adapter_config.json + adapter_model.safetensors), e.g.
+        /// <output_dir>/final_model.
+        #[arg(long)]
+        adapter: PathBuf,
+        /// Where the merged model goes (replaced if it exists).
+        #[arg(long)]
+        out: PathBuf,
+        /// dtype of the written weights: bf16 or f32.
+        #[arg(long, default_value = "bf16")]
+        dtype: String,
+        /// Base layers the adapter was trained on, e.g. "0-13,24-29" (default: the
+        /// adapter's qdistill_config.toml, else all).
+        #[arg(long)]
+        keep_layers: Option<String>,
+        /// Largest safetensors shard, as HF writes it ("5GB", "500MB", bytes).
+        #[arg(long, default_value = "5GB")]
+        max_shard_size: String,
+    },
     /// Print a model's resolved architecture (from config.json or GGUF metadata).
     Info {
         /// HF model directory, .safetensors file or .gguf file.
@@ -263,6 +291,40 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let report = qdistill_worker::data_plan::inspect(&cfg, &tok, dump.as_deref())
                 .with_context(|| format!("data of {}", config.display()))?;
             println!("{}", report.table());
+            Ok(())
+        }
+        Command::Merge { model, adapter, out, dtype, keep_layers, max_shard_size } => {
+            use qdistill_common::{checkpoint, config, merge};
+            let spec = match model {
+                Some(m) => m,
+                None => checkpoint::AdapterConfig::load(&adapter.join(checkpoint::ADAPTER_CONFIG_NAME))?
+                    .base_model_name_or_path
+                    .context("the adapter names no base_model_name_or_path: pass --model")?,
+            };
+            let base = config::resolve_model_path(&spec, None, None)?;
+            let keep_layers = match keep_layers {
+                Some(s) => Some(config::parse_layer_spec(&s)?),
+                None => merge::trained_keep_layers(&adapter)?,
+            };
+            let opts = merge::MergeOptions {
+                dtype: merge::MergeDtype::parse(&dtype)?,
+                keep_layers,
+                max_shard_size: merge::parse_size(&max_shard_size)?,
+            };
+            tracing::info!(base = %base.display(), adapter = %adapter.display(), keep_layers = ?opts.keep_layers, "merging");
+            let r = merge::merge_adapter(&base, &adapter, &out, &opts)
+                .with_context(|| format!("merging {} into {}", adapter.display(), base.display()))?;
+            println!(
+                "merged {} linear layers (scaling {}) of {} decoder layers into {}: {} tensors, {:.1} MB of {} in {} file(s)",
+                r.merged_modules,
+                r.scaling,
+                r.num_hidden_layers,
+                out.display(),
+                r.tensors,
+                r.bytes as f64 / 1e6,
+                opts.dtype.hf_name(),
+                r.shards
+            );
             Ok(())
         }
         Command::Info { model } => {

@@ -105,6 +105,8 @@ const SECTIONS: &[(&str, &[&str])] = &[
             "eval_steps",
             "gradient_checkpointing",
             "resume_from_checkpoint",
+            "report_to",
+            "logging_dir",
         ],
     ),
 ];
@@ -433,6 +435,11 @@ struct RawTraining {
     /// As in HF: `true` (latest checkpoint in output_dir), `false`, or a path.
     #[serde(skip_serializing_if = "Option::is_none")]
     resume_from_checkpoint: Option<Value>,
+    /// As in HF: one name or a list of names.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    report_to: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    logging_dir: Option<String>,
 }
 
 /// The whole file as written; the order of fields is the order `to_toml_string` writes
@@ -726,6 +733,20 @@ pub struct TrainingSection {
     pub eval_steps: Option<usize>,
     pub gradient_checkpointing: bool,
     pub resume_from_checkpoint: Option<ResumeFromCheckpoint>,
+    /// Where metrics go besides `<output_dir>/metrics.jsonl`, which is always written
+    /// (as HF always keeps `log_history`).
+    pub report_to: Vec<ReportTo>,
+    /// TensorBoard event files go here; default `<output_dir>/runs`.
+    pub logging_dir: PathBuf,
+}
+
+/// Metric sinks (HF `report_to` names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReportTo {
+    /// `<output_dir>/metrics.jsonl`; always on, accepted so that configs can name it.
+    Jsonl,
+    /// TensorBoard event files in `logging_dir`.
+    TensorBoard,
 }
 
 impl TrainingSection {
@@ -790,6 +811,13 @@ const SCHEDULERS: &[(&str, LrSchedulerType)] = &[
     ("cosine", LrSchedulerType::Cosine),
     ("constant", LrSchedulerType::Constant),
     ("constant_with_warmup", LrSchedulerType::ConstantWithWarmup),
+];
+/// "all" and "none" are HF's words for every integration and for none.
+const REPORT_TO: &[(&str, &[ReportTo])] = &[
+    ("tensorboard", &[ReportTo::TensorBoard]),
+    ("jsonl", &[ReportTo::Jsonl]),
+    ("all", &[ReportTo::Jsonl, ReportTo::TensorBoard]),
+    ("none", &[]),
 ];
 const OPTIMS: &[(&str, Optim)] = &[
     ("adamw_torch", Optim::AdamW),
@@ -1326,6 +1354,28 @@ fn validate(raw: RawConfig) -> VResult<TrainConfig> {
         }
         None => (t.warmup_ratio.unwrap_or(0.0), 0),
     };
+    let report_names: Vec<Value> = match t.report_to {
+        None | Some(Value::Null) => vec![Value::String("jsonl".into())],
+        Some(Value::Array(a)) => a,
+        Some(v) => vec![v],
+    };
+    let mut report_to = vec![ReportTo::Jsonl];
+    for v in &report_names {
+        let Value::String(name) = v else {
+            return Err(format!(
+                "`training.report_to` = {v} must be a name or a list of names (tensorboard, jsonl, all, none)"
+            ));
+        };
+        for r in choose("training.report_to", name, REPORT_TO)? {
+            if !report_to.contains(r) {
+                report_to.push(*r);
+            }
+        }
+    }
+    let logging_dir = match t.logging_dir {
+        Some(d) => PathBuf::from(non_empty("training.logging_dir", d)?),
+        None => Path::new(&output_dir).join("runs"),
+    };
     let training_section = TrainingSection {
         learning_rate: positive("training.learning_rate", t.learning_rate.unwrap_or(2e-4))?,
         per_device_train_batch_size: positive_int(
@@ -1385,6 +1435,8 @@ fn validate(raw: RawConfig) -> VResult<TrainConfig> {
         eval_steps: t.eval_steps,
         gradient_checkpointing: t.gradient_checkpointing.unwrap_or(true),
         resume_from_checkpoint,
+        report_to,
+        logging_dir,
     };
 
     Ok(TrainConfig {
@@ -1747,6 +1799,13 @@ impl TrainConfig {
                     ResumeFromCheckpoint::Latest => Value::Bool(true),
                     ResumeFromCheckpoint::Path(p) => Value::String(path_str(p)),
                 }),
+                report_to: Some(Value::Array(
+                    tr.report_to
+                        .iter()
+                        .map(|r| Value::String(name_of(std::slice::from_ref(r), REPORT_TO).into()))
+                        .collect(),
+                )),
+                logging_dir: Some(path_str(&tr.logging_dir)),
             },
         }
     }
@@ -2309,6 +2368,36 @@ training:
     }
 
     #[test]
+    fn report_to_takes_hf_names_and_metrics_jsonl_is_always_on() {
+        use ReportTo::{Jsonl, TensorBoard};
+        let c = toml_cfg(MINIMAL).unwrap();
+        assert_eq!(c.training.report_to, vec![Jsonl]);
+        assert_eq!(c.training.logging_dir, PathBuf::from("runs/x/runs"));
+        for (line, want) in [
+            ("report_to = \"tensorboard\"", vec![Jsonl, TensorBoard]),
+            ("report_to = [\"tensorboard\", \"jsonl\"]", vec![Jsonl, TensorBoard]),
+            ("report_to = \"all\"", vec![Jsonl, TensorBoard]),
+            ("report_to = \"none\"", vec![Jsonl]),
+            ("report_to = []", vec![Jsonl]),
+        ] {
+            let c = toml_cfg(&minimal_plus("training", line)).unwrap();
+            assert_eq!(c.training.report_to, want, "{line}");
+        }
+        let c = toml_cfg(&minimal_plus("training", "logging_dir = \"tb/logs\"")).unwrap();
+        assert_eq!(c.training.logging_dir, PathBuf::from("tb/logs"));
+        let e = err_of(toml_cfg(&minimal_plus("training", "report_to = [\"tensorbord\"]")));
+        assert!(e.contains("`training.report_to`") && e.contains("did you mean \"tensorboard\""), "{e}");
+        let e = err_of(toml_cfg(&minimal_plus("training", "report_to = \"wandb\"")));
+        assert!(e.contains("\"wandb\" is not one of tensorboard, jsonl, all, none"), "{e}");
+        let e = err_of(toml_cfg(&minimal_plus("training", "report_to = 3")));
+        assert!(e.contains("`training.report_to` = 3 must be a name or a list"), "{e}");
+        let e = err_of(toml_cfg(&minimal_plus("training", "loging_dir = \"x\"")));
+        assert!(e.contains("did you mean `training.logging_dir`"), "{e}");
+        let e = err_of(toml_cfg(&minimal_plus("training", "report_too = \"x\"")));
+        assert!(e.contains("did you mean `training.report_to`"), "{e}");
+    }
+
+    #[test]
     fn resolved_toml_loads_back_equal() {
         let variants = [
             MINIMAL.to_string(),
@@ -2318,6 +2407,7 @@ training:
             minimal_plus("training", "resume_from_checkpoint = true"),
             minimal_plus("model", "keep_layers = \"3\""),
             minimal_plus("model", "keep_layers = 3"),
+            minimal_plus("training", "report_to = \"tensorboard\"\nlogging_dir = \"tb\""),
         ];
         for text in &variants {
             let c = toml_cfg(text).unwrap();
@@ -2786,8 +2876,9 @@ training:
         let ta = hf["TrainingArguments"].as_object().unwrap();
         // Names of transformers 4.x that 5.x folded into others (warmup_ratio into
         // warmup_steps, group_by_length into train_sampling_strategy); still the names most
-        // configs use.
-        let hf4_only = ["warmup_ratio"];
+        // configs use. logging_dir: 5.x reads the TensorBoard dir from an environment
+        // variable instead.
+        let hf4_only = ["warmup_ratio", "logging_dir"];
         for k in section_keys("training").unwrap() {
             assert!(
                 ta.contains_key(*k) || hf4_only.contains(k),

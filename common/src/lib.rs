@@ -15,10 +15,12 @@ pub mod error;
 pub mod kernels;
 pub mod lora;
 pub mod loss;
+pub mod merge;
 pub mod model;
 pub mod nf4;
 pub mod ops;
 pub mod optim;
+pub mod tensorboard;
 pub mod tokenizer;
 pub mod weights;
 

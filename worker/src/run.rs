@@ -16,11 +16,12 @@ use qdistill_common::checkpoint::{
 };
 use qdistill_common::data::{Batcher, DataCursor};
 use qdistill_common::config::{
-    self, ComputeDtype, DistillLoss, LrSchedulerType, Quantization, ResumeFromCheckpoint, TeacherMode, TrainConfig,
+    self, ComputeDtype, DistillLoss, LrSchedulerType, Quantization, ReportTo, ResumeFromCheckpoint, TeacherMode, TrainConfig,
 };
 use qdistill_common::lora::{LoraGrads, LoraParams, LoraSpec};
 use qdistill_common::loss::{KdLoss, LossConfig};
 use qdistill_common::optim::{lr_at, AdamW, AdamWConfig, SchedulerType};
+use qdistill_common::tensorboard::EventWriter;
 use qdistill_common::tokenizer::check_same_tokenizer;
 
 use crate::data_plan::{self, DataPlan};
@@ -250,6 +251,11 @@ pub fn train(config_path: &Path, overrides: &[String], progress: bool) -> anyhow
         .truncate(start_step == 0)
         .open(&metrics_path)
         .with_context(|| format!("opening {}", metrics_path.display()))?;
+    // A resumed run starts a new event file; TensorBoard merges the files of one dir.
+    let mut tb = match t.report_to.contains(&ReportTo::TensorBoard) {
+        true => Some(EventWriter::create(&t.logging_dir)?),
+        false => None,
+    };
 
     let eval_batches: Vec<DeviceBatch> = data.eval.iter().map(|b| DeviceBatch::new(b, &device)).collect::<Result<_, _>>()?;
     let reh_batches: Vec<DeviceBatch> =
@@ -264,6 +270,10 @@ pub fn train(config_path: &Path, overrides: &[String], progress: bool) -> anyhow
     };
     let eval_before = evaluate(&student, &eval_batches, "held-out, before training")?;
     let rehearsal_before = evaluate(&student, &reh_batches, "rehearsal, before training")?;
+    if let Some(tb) = &mut tb {
+        tb_eval(tb, start_step, "eval", eval_before.as_ref())?;
+        tb_eval(tb, start_step, "eval_rehearsal", rehearsal_before.as_ref())?;
+    }
 
     let bar = if progress { ProgressBar::new(total_steps as u64) } else { ProgressBar::hidden() };
     bar.set_style(
@@ -296,10 +306,11 @@ pub fn train(config_path: &Path, overrides: &[String], progress: bool) -> anyhow
         let step_tokens: usize = micro.iter().map(|b| b.n_tokens).sum();
         tokens += step_tokens;
         thr.add(step_tokens);
+        let epoch = stream.cursor().epoch as f64 + stream.cursor().index as f64 / n_train;
         let rec = serde_json::json!({
             "step": step + 1, "loss": last_loss, "ce": sums.ce_mean(), "kd": sums.kd_mean(),
             "lr": lr, "grad_norm": grad_norm, "tokens_per_sec": thr.tokens_per_sec(),
-            "epoch": stream.cursor().epoch as f64 + stream.cursor().index as f64 / n_train,
+            "epoch": epoch,
         });
         writeln!(metrics, "{rec}").with_context(|| format!("writing {}", metrics_path.display()))?;
         log_history.push(rec);
@@ -308,8 +319,26 @@ pub fn train(config_path: &Path, overrides: &[String], progress: bool) -> anyhow
         if t.logging_steps > 0 && (step + 1) % t.logging_steps == 0 {
             bar.suspend(|| tracing::info!(step = step + 1, loss = last_loss, ce = sums.ce_mean(), kd = sums.kd_mean(), lr, grad_norm, "train"));
         }
+        if let Some(tb) = tb.as_mut().filter(|_| (step + 1) % t.logging_steps == 0 || step + 1 == total_steps) {
+            let mut scalars = vec![
+                ("train/loss", last_loss),
+                ("train/ce", sums.ce_mean()),
+                ("train/kd", sums.kd_mean()),
+                ("train/learning_rate", lr),
+                ("train/grad_norm", grad_norm),
+                ("train/tokens_per_sec", thr.tokens_per_sec()),
+                ("train/epoch", epoch),
+            ];
+            if let Some(bytes) = peak_memory_bytes(&device) {
+                scalars.push(("train/peak_memory_bytes", bytes as f64));
+            }
+            tb.add_scalars(step as u64 + 1, &scalars)?;
+        }
         if t.eval_steps.is_some_and(|n| n > 0 && (step + 1) % n == 0) {
-            bar.suspend(|| evaluate(&student, &eval_batches, &format!("held-out, step {}", step + 1)))?;
+            let e = bar.suspend(|| evaluate(&student, &eval_batches, &format!("held-out, step {}", step + 1)))?;
+            if let Some(tb) = &mut tb {
+                tb_eval(tb, step + 1, "eval", e.as_ref())?;
+            }
         }
         if t.save_steps > 0 && (step + 1) % t.save_steps == 0 && step + 1 < total_steps {
             let ckpt = Checkpoint { cfg: &cfg, adapter_cfg: &adapter_cfg, resolved: &resolved, total_steps };
@@ -322,6 +351,10 @@ pub fn train(config_path: &Path, overrides: &[String], progress: bool) -> anyhow
 
     let eval_after = evaluate(&student, &eval_batches, "held-out, after training")?;
     let rehearsal_after = evaluate(&student, &reh_batches, "rehearsal, after training")?;
+    if let Some(tb) = &mut tb {
+        tb_eval(tb, total_steps, "eval", eval_after.as_ref())?;
+        tb_eval(tb, total_steps, "eval_rehearsal", rehearsal_after.as_ref())?;
+    }
     let out = cfg.output_dir.join("final_model");
     let tensors = student.params.peft_tensors()?;
     write_dir_atomically(&out, |dir| {
@@ -346,6 +379,28 @@ pub fn train(config_path: &Path, overrides: &[String], progress: bool) -> anyhow
     let text = serde_json::to_string_pretty(&summary.results_json())?;
     std::fs::write(&results, text + "\n").with_context(|| format!("writing {}", results.display()))?;
     Ok(summary)
+}
+
+/// Held-out CE and KL (T = 1) as `<prefix>/ce`, `<prefix>/kd`, like HF's `eval/loss`.
+fn tb_eval(tb: &mut EventWriter, step: usize, prefix: &str, e: Option<&LossSums>) -> anyhow::Result<()> {
+    if let Some(e) = e {
+        tb.add_scalars(step as u64, &[(&format!("{prefix}/ce"), e.ce_mean()), (&format!("{prefix}/kd"), e.kd_mean())])?;
+    }
+    Ok(())
+}
+
+/// Peak memory so far: the high-water mark of the device's memory pool on CUDA (torch's
+/// `max_memory_allocated`), the process's peak resident set (VmHWM) on a CPU; None where
+/// neither can be read.
+fn peak_memory_bytes(device: &Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() {
+        return qdistill_common::kernels::MemPool::of(device).and_then(|p| p.peak_used()).ok();
+    }
+    let _ = device;
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: u64 = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().strip_suffix("kB")?.trim().parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// What a `checkpoint-<step>/` holds, HF-style: the adapter in PEFT layout, the optimizer
