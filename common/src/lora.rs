@@ -619,3 +619,75 @@ fn apply_dropout(x: &Tensor, p: f64, seed: DropoutSeed) -> Result<Tensor> {
     let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
     Ok((x * mask)?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> LoraSpec {
+        LoraSpec { r: 2, lora_alpha: 4.0, lora_dropout: 0.0, use_rslora: false, target_modules: vec!["q_proj".into()] }
+    }
+
+    fn layout() -> LoraParams {
+        LoraParams::init(&spec(), &[("a".into(), 3, 5), ("b".into(), 7, 2)], 1)
+    }
+
+    #[test]
+    fn len_is_the_layout_size_and_entries_tile_the_buffer() {
+        let p = layout();
+        // r·(in + out) per module, written out independently of the offsets.
+        assert_eq!(p.len(), 2 * (3 + 5) + 2 * (7 + 2));
+        assert_eq!(p.len(), p.values.len());
+        let mut next = 0;
+        for e in &p.entries {
+            assert_eq!((e.a_offset, e.b_offset), (next, next + 2 * e.in_features));
+            next = e.b_offset + e.out_features * 2;
+        }
+        assert_eq!(next, p.len());
+    }
+
+    #[test]
+    fn on_the_cpu_make_resident_changes_nothing() {
+        let mut p = layout();
+        let before = p.values.clone();
+        p.make_resident(&Device::Cpu, DType::F32).unwrap();
+        let mut g = LoraGrads::zeros(&p);
+        g.make_resident(&Device::Cpu).unwrap();
+        assert!(!p.is_resident() && !g.is_resident());
+        assert_eq!(p.values, before);
+        assert_eq!(p.host_values().unwrap().as_ref(), before.as_slice());
+        assert_eq!(g.flat.len(), p.len());
+    }
+
+    #[test]
+    fn take_host_hands_the_sum_over_and_restarts_from_zero() {
+        let p = layout();
+        let mut g = LoraGrads::zeros(&p);
+        g.flat.iter_mut().enumerate().for_each(|(i, x)| *x = i as f32);
+        let taken = g.take_host().unwrap();
+        assert_eq!(taken, (0..p.len()).map(|i| i as f32).collect::<Vec<_>>());
+        assert!(g.flat.len() == p.len() && g.flat.iter().all(|&x| x == 0.0));
+        let e = g.set_host(vec![1.0; 3]).unwrap_err().to_string();
+        assert!(e.contains("got 3 values") && e.contains(&format!("buffer of {}", p.len())), "{e}");
+        g.set_host(vec![0.5; p.len()]).unwrap();
+        assert_eq!(g.norm().unwrap(), (0.25 * p.len() as f64).sqrt());
+        g.zero().unwrap();
+        assert!(g.flat.iter().all(|&x| x == 0.0));
+    }
+
+    #[test]
+    fn a_rejected_adapter_file_leaves_the_values_alone() {
+        let mut p = layout();
+        let before = p.values.clone();
+        let mut tensors = layout().peft_tensors().unwrap();
+        // All of module a loads fine; module b's B has the wrong shape.
+        let bad = tensors.iter().position(|(n, _)| n.contains(".b.lora_B")).unwrap();
+        tensors[bad].1 = Tensor::zeros((2, 7), DType::F32, &Device::Cpu).unwrap();
+        for (_, t) in tensors.iter_mut().filter(|(n, _)| n.contains(".a.")) {
+            *t = (t.ones_like().unwrap() * 9.0).unwrap();
+        }
+        let e = p.load_peft_tensors(&tensors, std::path::Path::new("ckpt")).unwrap_err().to_string();
+        assert!(e.contains("lora_B") && e.contains("[2, 7]"), "{e}");
+        assert_eq!(p.values, before);
+    }
+}

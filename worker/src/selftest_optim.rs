@@ -380,9 +380,9 @@ fn worst_per_tensor(params: &LoraParams, got: &[f32], want: &[f32]) -> anyhow::R
 /// adds), every step's norm, and the adapters and AdamW moments after the last step
 /// (downloaded through the checkpoint accessors), each within 1e-4 of its tensor's scale.
 /// Then two device-only properties: a run resumed from the device state after step 2
-/// (loaded before the adapters move to the device, as `train` resumes) ends bitwise where
-/// the uninterrupted run ends, and a NaN gradient skips the update and leaves the
-/// adapters untouched.
+/// (loaded before the adapters move to the device, as `train` resumes, and loaded into
+/// adapters and moments already there) ends bitwise where the uninterrupted run ends, and
+/// a NaN gradient skips the update and leaves the adapters untouched.
 fn check_train_steps(device: &Device, dir: &Path) -> anyhow::Result<(bool, String)> {
     let mut cpu = fixture_student(dir, &Device::Cpu)?;
     let mut gpu = fixture_student(dir, device)?;
@@ -422,18 +422,26 @@ fn check_train_steps(device: &Device, dir: &Path) -> anyhow::Result<(bool, Strin
     let v = state.get("exp_avg_sq").ok_or_else(|| anyhow!("no exp_avg_sq"))?.to_vec1::<f32>()?;
     let moment_err = worst_per_tensor(&cpu.params, &m, cpu.opt.exp_avg())?.max(worst_per_tensor(&cpu.params, &v, cpu.opt.exp_avg_sq())?);
 
-    // Resume from the snapshot taken after step TRAIN_STEPS - 2, as `train` does: load first,
-    // then the first micro-step moves everything to the device.
+    // Resume from the snapshot taken after step TRAIN_STEPS - 2: loaded before the state
+    // moves to the device (as `train` resumes), and loaded into state already on the
+    // device (the upload path).
     let (peft, opt_state) = snapshot.ok_or_else(|| anyhow!("no snapshot"))?;
-    let mut resumed = fixture_student(dir, device)?;
-    resumed.params.load_peft_tensors(&peft, Path::new("device snapshot"))?;
-    resumed.opt.load_state(&opt_state.into_iter().collect(), Path::new("device snapshot"))?;
-    let last = TRAIN_STEPS - 1;
-    micro_steps(&mut resumed, &data[last], last, device)?;
-    optimizer_step(&mut resumed, last, max_norm)?;
-    let resumed_adapters = resumed.params.host_values()?.into_owned();
-    let resume_exact = bitwise_equal(&resumed_adapters, &adapters) == adapters.len();
-    let resume_diff = max_rel(&resumed_adapters, &adapters)?;
+    let opt_state: HashMap<String, Tensor> = opt_state.into_iter().collect();
+    let (mut resume_exact, mut resume_diff) = (true, 0f64);
+    for load_on_device in [false, true] {
+        let mut resumed = fixture_student(dir, device)?;
+        if load_on_device {
+            resumed.keep_on_device()?;
+        }
+        resumed.params.load_peft_tensors(&peft, Path::new("device snapshot"))?;
+        resumed.opt.load_state(&opt_state, Path::new("device snapshot"))?;
+        let last = TRAIN_STEPS - 1;
+        micro_steps(&mut resumed, &data[last], last, device)?;
+        optimizer_step(&mut resumed, last, max_norm)?;
+        let resumed_adapters = resumed.params.host_values()?.into_owned();
+        resume_exact &= bitwise_equal(&resumed_adapters, &adapters) == adapters.len();
+        resume_diff = resume_diff.max(max_rel(&resumed_adapters, &adapters)?);
+    }
 
     // A non-finite gradient norm skips the update.
     let mut poisoned = vec![0f32; gpu.grads.len()];
@@ -450,7 +458,7 @@ fn check_train_steps(device: &Device, dir: &Path) -> anyhow::Result<(bool, Strin
         pass,
         format!(
             "step-0 grads rel err {grad_err:.1e}, norms [{norms}] rel err {norm_err:.1e} (max_norm {max_norm:.3e}), adapters after {TRAIN_STEPS} \
-             steps {adapter_err:.1e}, moments {moment_err:.1e} (tol {tol:.0e}); resumed run bitwise equal: {resume_exact} (diff {resume_diff:.1e}); \
+             steps {adapter_err:.1e}, moments {moment_err:.1e} (tol {tol:.0e}); resumed runs (load before / after the move to the device) bitwise equal: {resume_exact} (diff {resume_diff:.1e}); \
              NaN grad skips the step: {skipped}, grads zeroed after: {zeroed}"
         ),
     ))

@@ -11,7 +11,7 @@
 //! [`sum_of_squares`] waits for the device (it reads its one result back).
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::cublas::result::gemm_ex;
+use candle_core::cuda_backend::cudarc::cublas::result::gemm_strided_batched_ex;
 use candle_core::cuda_backend::cudarc::cublas::sys as cublas;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg, SyncOnDrop,
@@ -259,11 +259,13 @@ pub fn gemm_tn_accumulate(acc: &mut CudaSlice<f32>, offset: usize, x: &Tensor, y
     // Row-major [p, q] is column-major [q, p] (ldc = q). Row-major y [N, q] is column-major
     // yᵀ [q, N] (lda = q), row-major x [N, p] is column-major xᵀ [p, N] (ldb = p), so
     // C = yᵀ·(xᵀ)ᵀ = (xᵀ·y)ᵀ in column-major terms: op(A) = N, op(B) = T, m = q, n = p, k = N.
+    // The strided-batched entry point with one batch is cublasGemmEx; it is the one candle
+    // itself calls, so a build links against no cuBLAS symbol beyond candle's.
     // SAFETY: the pointers address contiguous buffers of N·q, N·p and p·q elements of the
     // declared types (checked above); alpha and beta are host f32, as CUBLAS_COMPUTE_32F
     // wants; candle's handle is bound to candle's stream, the stream of every operand.
     unsafe {
-        gemm_ex(
+        gemm_strided_batched_ex(
             *blas.handle(),
             cublas::cublasOperation_t::CUBLAS_OP_N,
             cublas::cublasOperation_t::CUBLAS_OP_T,
@@ -274,13 +276,17 @@ pub fn gemm_tn_accumulate(acc: &mut CudaSlice<f32>, offset: usize, x: &Tensor, y
             y_ptr as *const _,
             data_type,
             m_,
+            0,
             x_ptr as *const _,
             data_type,
             n_,
+            0,
             &beta as *const f32 as *const _,
             c_ptr as *mut _,
             cublas::cudaDataType_t::CUDA_R_32F,
             m_,
+            0,
+            1,
             cublas::cublasComputeType_t::CUBLAS_COMPUTE_32F,
             cublas::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
         )
