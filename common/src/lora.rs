@@ -6,6 +6,14 @@
 //!
 //! The frozen base weight never receives a gradient: backward computes only
 //! dX = dY·W (+ the LoRA branch's dX) and, for the adapter, dA and dB.
+//!
+//! On the CPU both buffers are host vectors. On a CUDA device the trainer makes them
+//! resident once (`LoraParams::make_resident`, `LoraGrads::make_resident`): the fp32 master
+//! weights, a compute-dtype copy of them that the forward reads through per-module views,
+//! and the gradients then stay on the device, and a training step copies nothing to or
+//! from the host but the gradient norm.
+
+use std::borrow::Cow;
 
 use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
@@ -64,12 +72,35 @@ impl LoraEntry {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct LoraParams {
     pub spec: LoraSpec,
     pub entries: Vec<LoraEntry>,
-    /// fp32 master weights of every adapter, concatenated.
+    /// fp32 master weights of every adapter, concatenated, on the host. Empty while the
+    /// adapters live on a device (see [`LoraParams::make_resident`]; read them with
+    /// [`LoraParams::host_values`] then).
     pub values: Vec<f32>,
+    #[cfg(feature = "cuda")]
+    device: Option<DeviceParams>,
+}
+
+/// The adapters on a CUDA device: the fp32 master copy the optimizer updates and the
+/// compute-dtype copy the forward reads, refreshed from it after every update.
+#[cfg(feature = "cuda")]
+struct DeviceParams {
+    dev: candle_core::CudaDevice,
+    master: candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>,
+    /// Flat, in the compute dtype; `ab` are views of it, so refreshing it in place updates
+    /// every module's A and B.
+    compute: Tensor,
+    ab: Vec<(Tensor, Tensor)>,
+}
+
+#[cfg(feature = "cuda")]
+impl std::fmt::Debug for DeviceParams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DeviceParams({:?}, {} values, compute {:?})", self.dev, self.master.len(), self.compute.dtype())
+    }
 }
 
 impl LoraParams {
@@ -98,25 +129,105 @@ impl LoraParams {
                 *v = rng.random_range(-bound..bound) as f32;
             }
         }
-        Self { spec: spec.clone(), entries, values }
+        Self {
+            spec: spec.clone(),
+            entries,
+            values,
+            #[cfg(feature = "cuda")]
+            device: None,
+        }
     }
 
+    /// Number of adapter parameters (the flat buffer's length, wherever it lives).
     pub fn len(&self) -> usize {
-        self.values.len()
+        self.entries.last().map_or(0, |e| e.b_offset + e.out_features * self.spec.r)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.values.is_empty()
+        self.len() == 0
     }
 
     pub fn index_of(&self, module: &str) -> Option<usize> {
         self.entries.iter().position(|e| e.module == module)
     }
 
-    /// Device tensors for one training step: one upload of the flat buffer, and per-module
-    /// A/B views into it (no copies).
-    pub fn to_device(&self, device: &Device, dtype: DType) -> Result<LoraTensors> {
-        let flat = Tensor::from_slice(&self.values, self.values.len(), device)?.to_dtype(dtype)?;
+    /// Whether the adapters live on a CUDA device (see [`LoraParams::make_resident`]).
+    pub fn is_resident(&self) -> bool {
+        #[cfg(feature = "cuda")]
+        if self.device.is_some() {
+            return true;
+        }
+        false
+    }
+
+    /// Moves the fp32 master weights onto `device` (a CUDA device) for good, next to a
+    /// persistent copy in `dtype` that [`LoraParams::to_device`] hands out views of; the
+    /// host `values` are dropped. A no-op on the CPU or when already there.
+    pub fn make_resident(&mut self, device: &Device, dtype: DType) -> Result<()> {
+        if device.is_cpu() {
+            return Ok(());
+        }
+        #[cfg(feature = "cuda")]
+        {
+            if let Some(d) = &self.device {
+                return if d.compute.device().same_device(device) && d.compute.dtype() == dtype {
+                    Ok(())
+                } else {
+                    Err(Error::Msg(format!(
+                        "LoRA adapters already live on {:?} in {:?}, not on {device:?} in {dtype:?}",
+                        d.compute.device(),
+                        d.compute.dtype()
+                    )))
+                };
+            }
+            let dev = crate::kernels::cuda_device(device)?.clone();
+            let master = dev.clone_htod(&self.values)?;
+            let compute = Tensor::zeros(self.len(), dtype, device)?;
+            crate::kernels::optim::cast_f32_into(&master, &compute)?;
+            let ab = self.views(&compute)?;
+            self.device = Some(DeviceParams { dev, master, compute, ab });
+            self.values = Vec::new();
+            Ok(())
+        }
+        #[cfg(not(feature = "cuda"))]
+        Err(Error::Msg(format!("cannot keep LoRA adapters on {device:?} in {dtype:?}: this build has no CUDA support")))
+    }
+
+    /// Brings the master weights back to the host `values` and ends device residency.
+    pub fn to_host(&mut self) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if let Some(d) = self.device.take() {
+            self.values = d.dev.clone_dtoh(&d.master)?;
+        }
+        Ok(())
+    }
+
+    /// The fp32 master weights on the host: `values`, or a download of the device copy.
+    pub fn host_values(&self) -> Result<Cow<'_, [f32]>> {
+        #[cfg(feature = "cuda")]
+        if let Some(d) = &self.device {
+            return Ok(d.dev.clone_dtoh(&d.master)?.into());
+        }
+        Ok(Cow::Borrowed(&self.values))
+    }
+
+    /// Runs `update` on the device-resident master weights (an optimizer step), then
+    /// refreshes the compute-dtype copy the forward reads, so the two never disagree.
+    #[cfg(feature = "cuda")]
+    pub fn update_on_device(
+        &mut self,
+        update: impl FnOnce(&mut candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>) -> Result<()>,
+    ) -> Result<()> {
+        let d = self
+            .device
+            .as_mut()
+            .ok_or_else(|| Error::Msg("LoRA adapters: a device update before make_resident".into()))?;
+        update(&mut d.master)?;
+        crate::kernels::optim::cast_f32_into(&d.master, &d.compute)
+    }
+
+    /// Per-module (A [r, in], B [out, r]) views of a flat adapter tensor.
+    fn views(&self, flat: &Tensor) -> Result<Vec<(Tensor, Tensor)>> {
         let r = self.spec.r;
         let mut ab = Vec::with_capacity(self.entries.len());
         for e in &self.entries {
@@ -124,27 +235,47 @@ impl LoraParams {
             let b = flat.narrow(0, e.b_offset, e.out_features * r)?.reshape((e.out_features, r))?;
             ab.push((a, b));
         }
-        Ok(LoraTensors { ab, scaling: self.spec.scaling(), dropout: self.spec.lora_dropout })
+        Ok(ab)
     }
 
-    /// PEFT-named tensors for adapter_model.safetensors.
+    /// Device tensors for one training step: per-module A/B views of a flat buffer in
+    /// `dtype` (no per-module copies). Adapters resident on `device` in `dtype` give views
+    /// of their persistent copy (nothing moves); otherwise the flat buffer is uploaded.
+    pub fn to_device(&self, device: &Device, dtype: DType) -> Result<LoraTensors> {
+        let (scaling, dropout) = (self.spec.scaling(), self.spec.lora_dropout);
+        #[cfg(feature = "cuda")]
+        if let Some(d) = &self.device {
+            if d.compute.device().same_device(device) && d.compute.dtype() == dtype {
+                return Ok(LoraTensors { ab: d.ab.clone(), scaling, dropout });
+            }
+        }
+        let values = self.host_values()?;
+        let flat = Tensor::from_slice(&values, values.len(), device)?.to_dtype(dtype)?;
+        Ok(LoraTensors { ab: self.views(&flat)?, scaling, dropout })
+    }
+
+    /// PEFT-named tensors for adapter_model.safetensors (downloaded when the adapters live
+    /// on a device).
     pub fn peft_tensors(&self) -> Result<Vec<(String, Tensor)>> {
         let r = self.spec.r;
+        let values = self.host_values()?;
         let mut out = Vec::with_capacity(2 * self.entries.len());
         for e in &self.entries {
-            let a = &self.values[e.a_offset..e.a_offset + r * e.in_features];
-            let b = &self.values[e.b_offset..e.b_offset + e.out_features * r];
+            let a = &values[e.a_offset..e.a_offset + r * e.in_features];
+            let b = &values[e.b_offset..e.b_offset + e.out_features * r];
             out.push((e.peft_a_name(), Tensor::from_slice(a, (r, e.in_features), &Device::Cpu)?));
             out.push((e.peft_b_name(), Tensor::from_slice(b, (e.out_features, r), &Device::Cpu)?));
         }
         Ok(out)
     }
 
-    /// Loads PEFT-named tensors into this layout. Every adapter of the layout must be
-    /// present with the right shape; extra tensors are an error too (they would mean the
-    /// adapter was trained on other modules and silently ignoring them changes the model).
+    /// Loads PEFT-named tensors into this layout (and onto the device when the adapters
+    /// live there). Every adapter of the layout must be present with the right shape; extra
+    /// tensors are an error too (they would mean the adapter was trained on other modules
+    /// and silently ignoring them changes the model). Nothing changes on error.
     pub fn load_peft_tensors(&mut self, tensors: &[(String, Tensor)], source: &std::path::Path) -> Result<()> {
         let r = self.spec.r;
+        let mut loaded = Vec::with_capacity(2 * self.entries.len());
         let mut seen = std::collections::HashSet::new();
         let by_name: std::collections::HashMap<String, &Tensor> =
             tensors.iter().map(|(n, t)| (strip_adapter_name(n), t)).collect();
@@ -159,8 +290,7 @@ impl LoraParams {
                 if t.dims() != shape.as_slice() {
                     return Err(Error::Shape { path: source.to_path_buf(), name, expected: shape, got: t.dims().to_vec() });
                 }
-                let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                self.values[off..off + v.len()].copy_from_slice(&v);
+                loaded.push((off, t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?));
                 seen.insert(name);
             }
         }
@@ -169,6 +299,19 @@ impl LoraParams {
                 path: source.to_path_buf(),
                 msg: format!("adapter tensor `{extra}` does not match any targeted module of this model"),
             });
+        }
+        #[cfg(feature = "cuda")]
+        if let Some(d) = &mut self.device {
+            // The layout has no gaps and every entry was loaded: the staged buffer is whole.
+            let mut staged = vec![0f32; d.master.len()];
+            for (off, v) in &loaded {
+                staged[*off..off + v.len()].copy_from_slice(v);
+            }
+            d.dev.memcpy_htod(&staged, &mut d.master)?;
+            return crate::kernels::optim::cast_f32_into(&d.master, &d.compute);
+        }
+        for (off, v) in &loaded {
+            self.values[*off..off + v.len()].copy_from_slice(v);
         }
         Ok(())
     }
@@ -188,20 +331,151 @@ pub struct LoraTensors {
     pub dropout: f64,
 }
 
-/// Gradients of every adapter, in the same flat layout as `LoraParams::values`.
+/// Gradients of every adapter, in the same flat layout as `LoraParams::values`: a host
+/// vector, or (after [`LoraGrads::make_resident`]) one fp32 buffer on a CUDA device that
+/// each LoRA backward accumulates into with a GEMM.
 pub struct LoraGrads {
+    /// The host gradients; empty while they live on a device.
     pub flat: Vec<f32>,
+    len: usize,
+    #[cfg(feature = "cuda")]
+    device: Option<DeviceGrads>,
+}
+
+#[cfg(feature = "cuda")]
+struct DeviceGrads {
+    dev: candle_core::CudaDevice,
+    flat: candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>,
 }
 
 impl LoraGrads {
     pub fn zeros(params: &LoraParams) -> Self {
-        Self { flat: vec![0.0; params.len()] }
+        Self {
+            flat: vec![0.0; params.len()],
+            len: params.len(),
+            #[cfg(feature = "cuda")]
+            device: None,
+        }
     }
-    pub fn zero(&mut self) {
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Whether the gradients live on a CUDA device (see [`LoraGrads::make_resident`]).
+    pub fn is_resident(&self) -> bool {
+        #[cfg(feature = "cuda")]
+        if self.device.is_some() {
+            return true;
+        }
+        false
+    }
+
+    /// Moves the gradient buffer onto `device` (a CUDA device) for good; the host vector is
+    /// dropped. A no-op on the CPU or when already there.
+    pub fn make_resident(&mut self, device: &Device) -> Result<()> {
+        if device.is_cpu() {
+            return Ok(());
+        }
+        #[cfg(feature = "cuda")]
+        {
+            if let Some(d) = &self.device {
+                let here = Device::Cuda(d.dev.clone());
+                return if here.same_device(device) {
+                    Ok(())
+                } else {
+                    Err(Error::Msg(format!("LoRA gradients already live on {here:?}, not on {device:?}")))
+                };
+            }
+            let dev = crate::kernels::cuda_device(device)?.clone();
+            let flat = dev.clone_htod(&self.flat)?;
+            self.device = Some(DeviceGrads { dev, flat });
+            self.flat = Vec::new();
+            Ok(())
+        }
+        #[cfg(not(feature = "cuda"))]
+        Err(Error::Msg(format!("cannot keep LoRA gradients on {device:?}: this build has no CUDA support")))
+    }
+
+    /// Sets every gradient to zero.
+    pub fn zero(&mut self) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if let Some(d) = &mut self.device {
+            d.dev.cuda_stream().memset_zeros(&mut d.flat).map_err(|e| Error::Msg(format!("zeroing the LoRA gradients: {e}")))?;
+            return Ok(());
+        }
         self.flat.iter_mut().for_each(|g| *g = 0.0);
+        Ok(())
     }
-    fn add(&mut self, offset: usize, t: &Tensor) -> Result<()> {
-        let v = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+
+    /// The gradients on the host: `flat`, or a download of the device buffer.
+    pub fn host_values(&self) -> Result<Cow<'_, [f32]>> {
+        #[cfg(feature = "cuda")]
+        if let Some(d) = &self.device {
+            return Ok(d.dev.clone_dtoh(&d.flat)?.into());
+        }
+        Ok(Cow::Borrowed(&self.flat))
+    }
+
+    /// Hands the accumulated gradients over as a host vector (one download on a device) and
+    /// starts accumulating again from zero: the partial sum for a host all-reduce.
+    pub fn take_host(&mut self) -> Result<Vec<f32>> {
+        #[cfg(feature = "cuda")]
+        if self.device.is_some() {
+            let v = self.host_values()?.into_owned();
+            self.zero()?;
+            return Ok(v);
+        }
+        Ok(std::mem::replace(&mut self.flat, vec![0.0; self.len]))
+    }
+
+    /// Replaces the gradients with `values` (e.g. the all-reduced sum; one upload on a
+    /// device).
+    pub fn set_host(&mut self, values: Vec<f32>) -> Result<()> {
+        if values.len() != self.len {
+            return Err(Error::Msg(format!("LoRA gradients: got {} values for a buffer of {}", values.len(), self.len)));
+        }
+        #[cfg(feature = "cuda")]
+        if let Some(d) = &mut self.device {
+            d.dev.memcpy_htod(&values, &mut d.flat)?;
+            return Ok(());
+        }
+        self.flat = values;
+        Ok(())
+    }
+
+    /// Global L2 norm of the gradients, accumulated in f64 (on a device: one deterministic
+    /// reduction, one value read back).
+    pub fn norm(&self) -> Result<f64> {
+        #[cfg(feature = "cuda")]
+        if let Some(d) = &self.device {
+            return Ok(crate::kernels::optim::sum_of_squares(&d.dev, &d.flat)?.sqrt());
+        }
+        Ok(crate::optim::grad_norm(&self.flat))
+    }
+
+    /// The device gradient buffer (for the optimizer step on the device).
+    #[cfg(feature = "cuda")]
+    pub fn cuda_slice(&self) -> Result<&candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>> {
+        self.device
+            .as_ref()
+            .map(|d| &d.flat)
+            .ok_or_else(|| Error::Msg("LoRA gradients: asked for the device buffer, but they live on the host".into()))
+    }
+
+    /// Adds s·xᵀ·y (x [N, p], y [N, q]) to the [p, q] gradient at `offset`: on a device, one
+    /// GEMM straight into the buffer; on the host, candle's matmul and a copy.
+    fn add_outer(&mut self, offset: usize, x: &Tensor, y: &Tensor, s: f64) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if let Some(d) = &mut self.device {
+            return crate::kernels::optim::gemm_tn_accumulate(&mut d.flat, offset, x, y, s as f32);
+        }
+        let g = (x.t()?.matmul(y)? * s)?;
+        let v = g.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
         for (g, x) in self.flat[offset..offset + v.len()].iter_mut().zip(v) {
             *g += x;
         }
@@ -316,10 +590,11 @@ impl Linear {
             let saved = saved.ok_or_else(|| Error::Msg("LoRA backward without saved activations".into()))?;
             let (a, b) = &lt.ab[idx];
             let s = lt.scaling;
+            let e = &params.entries[idx];
             // dB = s·dyᵀ·u ; dA = s·(dy·B)ᵀ·xd ; dx += s·dropout'((dy·B)·A)
             let dyb = dy.matmul(b)?; // [N, r]
-            let db = (dy.t()?.matmul(&saved.u)? * s)?;
-            let da = (dyb.t()?.matmul(&saved.xd)? * s)?;
+            grads.add_outer(e.b_offset, dy, &saved.u, s)?;
+            grads.add_outer(e.a_offset, &dyb, &saved.xd, s)?;
             let mut dxl = (dyb.matmul(a)? * s)?;
             if let Some(seed) = dropout {
                 if lt.dropout > 0.0 {
@@ -328,9 +603,6 @@ impl Linear {
                 }
             }
             dx = (dx + dxl)?;
-            let e = &params.entries[idx];
-            grads.add(e.a_offset, &da)?;
-            grads.add(e.b_offset, &db)?;
         }
         Ok(dx)
     }
@@ -346,4 +618,76 @@ fn apply_dropout(x: &Tensor, p: f64, seed: DropoutSeed) -> Result<Tensor> {
     let mask: Vec<f32> = (0..n).map(|_| if rng.random::<f64>() < keep { scale } else { 0.0 }).collect();
     let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
     Ok((x * mask)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> LoraSpec {
+        LoraSpec { r: 2, lora_alpha: 4.0, lora_dropout: 0.0, use_rslora: false, target_modules: vec!["q_proj".into()] }
+    }
+
+    fn layout() -> LoraParams {
+        LoraParams::init(&spec(), &[("a".into(), 3, 5), ("b".into(), 7, 2)], 1)
+    }
+
+    #[test]
+    fn len_is_the_layout_size_and_entries_tile_the_buffer() {
+        let p = layout();
+        // r·(in + out) per module, written out independently of the offsets.
+        assert_eq!(p.len(), 2 * (3 + 5) + 2 * (7 + 2));
+        assert_eq!(p.len(), p.values.len());
+        let mut next = 0;
+        for e in &p.entries {
+            assert_eq!((e.a_offset, e.b_offset), (next, next + 2 * e.in_features));
+            next = e.b_offset + e.out_features * 2;
+        }
+        assert_eq!(next, p.len());
+    }
+
+    #[test]
+    fn on_the_cpu_make_resident_changes_nothing() {
+        let mut p = layout();
+        let before = p.values.clone();
+        p.make_resident(&Device::Cpu, DType::F32).unwrap();
+        let mut g = LoraGrads::zeros(&p);
+        g.make_resident(&Device::Cpu).unwrap();
+        assert!(!p.is_resident() && !g.is_resident());
+        assert_eq!(p.values, before);
+        assert_eq!(p.host_values().unwrap().as_ref(), before.as_slice());
+        assert_eq!(g.flat.len(), p.len());
+    }
+
+    #[test]
+    fn take_host_hands_the_sum_over_and_restarts_from_zero() {
+        let p = layout();
+        let mut g = LoraGrads::zeros(&p);
+        g.flat.iter_mut().enumerate().for_each(|(i, x)| *x = i as f32);
+        let taken = g.take_host().unwrap();
+        assert_eq!(taken, (0..p.len()).map(|i| i as f32).collect::<Vec<_>>());
+        assert!(g.flat.len() == p.len() && g.flat.iter().all(|&x| x == 0.0));
+        let e = g.set_host(vec![1.0; 3]).unwrap_err().to_string();
+        assert!(e.contains("got 3 values") && e.contains(&format!("buffer of {}", p.len())), "{e}");
+        g.set_host(vec![0.5; p.len()]).unwrap();
+        assert_eq!(g.norm().unwrap(), (0.25 * p.len() as f64).sqrt());
+        g.zero().unwrap();
+        assert!(g.flat.iter().all(|&x| x == 0.0));
+    }
+
+    #[test]
+    fn a_rejected_adapter_file_leaves_the_values_alone() {
+        let mut p = layout();
+        let before = p.values.clone();
+        let mut tensors = layout().peft_tensors().unwrap();
+        // All of module a loads fine; module b's B has the wrong shape.
+        let bad = tensors.iter().position(|(n, _)| n.contains(".b.lora_B")).unwrap();
+        tensors[bad].1 = Tensor::zeros((2, 7), DType::F32, &Device::Cpu).unwrap();
+        for (_, t) in tensors.iter_mut().filter(|(n, _)| n.contains(".a.")) {
+            *t = (t.ones_like().unwrap() * 9.0).unwrap();
+        }
+        let e = p.load_peft_tensors(&tensors, std::path::Path::new("ckpt")).unwrap_err().to_string();
+        assert!(e.contains("lora_B") && e.contains("[2, 7]"), "{e}");
+        assert_eq!(p.values, before);
+    }
 }

@@ -40,15 +40,57 @@ impl Default for AdamWConfig {
 
 /// torch.optim.AdamW over one flat parameter buffer: decoupled weight decay, bias
 /// correction, eps added outside the square root.
-#[derive(Debug, Clone)]
+///
+/// The moments live on the host, or (after [`AdamW::make_resident`]) on a CUDA device, where
+/// [`AdamW::step_cuda`] updates parameters that live there too. Either way the checkpointed
+/// state ([`AdamW::state_tensors`], [`AdamW::load_state`]) is the same.
+#[derive(Debug)]
 pub struct AdamW {
     pub config: AdamWConfig,
-    /// First moment, torch's `exp_avg`.
+    /// First moment, torch's `exp_avg` (empty while the moments are on a device).
     m: Vec<f32>,
-    /// Second moment, torch's `exp_avg_sq`.
+    /// Second moment, torch's `exp_avg_sq` (empty while the moments are on a device).
     v: Vec<f32>,
+    num_params: usize,
     /// Optimizer steps taken so far (torch's `step`).
     step: u64,
+    #[cfg(feature = "cuda")]
+    device: Option<DeviceMoments>,
+}
+
+/// The moments on a CUDA device.
+#[cfg(feature = "cuda")]
+struct DeviceMoments {
+    dev: candle_core::CudaDevice,
+    m: candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>,
+    v: candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>,
+}
+
+#[cfg(feature = "cuda")]
+impl std::fmt::Debug for DeviceMoments {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DeviceMoments({:?}, {} values)", self.dev, self.m.len())
+    }
+}
+
+/// The f32 scalars of one AdamW step, computed once on the host (in f64, then rounded, in
+/// torch's order) and used by the host loop and the CUDA kernel alike.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWScalars {
+    /// Factor applied to each gradient as it is read: the clipping coefficient, or 1.
+    pub grad_scale: f32,
+    /// 1 − lr·weight_decay (decoupled weight decay).
+    pub decay: f32,
+    /// 1 − β1 (torch's `lerp` weight for `exp_avg`).
+    pub w1: f32,
+    pub beta2: f32,
+    /// 1 − β2.
+    pub w2: f32,
+    /// √(1 − β2^t).
+    pub bias_correction2_sqrt: f32,
+    pub eps: f32,
+    /// lr / (1 − β1^t).
+    pub step_size: f32,
 }
 
 /// Names of the optimizer state tensors, as torch's AdamW state dict calls them.
@@ -63,12 +105,24 @@ impl AdamW {
             config,
             m: vec![0.0; num_params],
             v: vec![0.0; num_params],
+            num_params,
             step: 0,
+            #[cfg(feature = "cuda")]
+            device: None,
         }
     }
 
     pub fn num_params(&self) -> usize {
-        self.m.len()
+        self.num_params
+    }
+
+    /// Whether the moments live on a CUDA device (see [`AdamW::make_resident`]).
+    pub fn is_resident(&self) -> bool {
+        #[cfg(feature = "cuda")]
+        if self.device.is_some() {
+            return true;
+        }
+        false
     }
 
     /// Optimizer steps taken so far.
@@ -76,27 +130,21 @@ impl AdamW {
         self.step
     }
 
+    /// The host moments; empty while they live on a device (read them with
+    /// [`AdamW::state_tensors`] there).
     pub fn exp_avg(&self) -> &[f32] {
         &self.m
     }
 
+    /// See [`AdamW::exp_avg`].
     pub fn exp_avg_sq(&self) -> &[f32] {
         &self.v
     }
 
-    /// One AdamW update of `params` with `grads` at learning rate `lr`.
-    ///
-    /// Scalars are computed in f64 and applied in f32, in the order of torch's
-    /// `_single_tensor_adam`, so results agree with torch to float rounding.
-    pub fn step(&mut self, params: &mut [f32], grads: &[f32], lr: f64) -> Result<()> {
-        let n = self.m.len();
-        if params.len() != n || grads.len() != n {
-            return Err(Error::Msg(format!(
-                "AdamW: the optimizer holds state for {n} parameters, but got {} parameters and {} gradients",
-                params.len(),
-                grads.len()
-            )));
-        }
+    /// Counts one more step and returns its scalars at learning rate `lr`, with gradients
+    /// scaled by `grad_scale` as they are read. f64 arithmetic rounded to f32, in the order
+    /// of torch's `_single_tensor_adam`.
+    fn next_scalars(&mut self, lr: f64, grad_scale: f32) -> AdamWScalars {
         let AdamWConfig {
             beta1,
             beta2,
@@ -105,16 +153,47 @@ impl AdamW {
         } = self.config;
         self.step += 1;
         let t = self.step as f64;
-        let decay = (1.0 - lr * weight_decay) as f32;
         let bias_correction1 = 1.0 - beta1.powf(t);
-        let bias_correction2_sqrt = (1.0 - beta2.powf(t)).sqrt() as f32;
-        let step_size = (lr / bias_correction1) as f32;
-        let (w1, b2, w2, eps) = (
-            (1.0 - beta1) as f32,
-            beta2 as f32,
-            (1.0 - beta2) as f32,
-            eps as f32,
-        );
+        AdamWScalars {
+            grad_scale,
+            decay: (1.0 - lr * weight_decay) as f32,
+            w1: (1.0 - beta1) as f32,
+            beta2: beta2 as f32,
+            w2: (1.0 - beta2) as f32,
+            bias_correction2_sqrt: (1.0 - beta2.powf(t)).sqrt() as f32,
+            eps: eps as f32,
+            step_size: (lr / bias_correction1) as f32,
+        }
+    }
+
+    /// One AdamW update of `params` with `grads` at learning rate `lr`, on the host.
+    ///
+    /// Scalars are computed in f64 and applied in f32, in the order of torch's
+    /// `_single_tensor_adam`, so results agree with torch to float rounding.
+    pub fn step(&mut self, params: &mut [f32], grads: &[f32], lr: f64) -> Result<()> {
+        if self.is_resident() {
+            return Err(Error::Msg(
+                "AdamW: the moments live on a CUDA device; step the parameters there (step_cuda)".into(),
+            ));
+        }
+        let n = self.num_params;
+        if params.len() != n || grads.len() != n {
+            return Err(Error::Msg(format!(
+                "AdamW: the optimizer holds state for {n} parameters, but got {} parameters and {} gradients",
+                params.len(),
+                grads.len()
+            )));
+        }
+        let AdamWScalars {
+            decay,
+            w1,
+            beta2: b2,
+            w2,
+            bias_correction2_sqrt,
+            eps,
+            step_size,
+            ..
+        } = self.next_scalars(lr, 1.0);
         for (((p, &g), m), v) in params
             .iter_mut()
             .zip(grads)
@@ -130,18 +209,82 @@ impl AdamW {
         Ok(())
     }
 
+    /// Moves the moments onto `device` (a CUDA device), where [`AdamW::step_cuda`] updates
+    /// them; the host copies are dropped. A no-op on the CPU or when already there.
+    pub fn make_resident(&mut self, device: &Device) -> Result<()> {
+        if device.is_cpu() {
+            return Ok(());
+        }
+        #[cfg(feature = "cuda")]
+        {
+            if let Some(d) = &self.device {
+                let here = Device::Cuda(d.dev.clone());
+                return if device.same_device(&here) {
+                    Ok(())
+                } else {
+                    Err(Error::Msg(format!("AdamW: the moments already live on {here:?}, not on {device:?}")))
+                };
+            }
+            let dev = crate::kernels::cuda_device(device)?.clone();
+            let m = dev.clone_htod(&self.m)?;
+            let v = dev.clone_htod(&self.v)?;
+            self.device = Some(DeviceMoments { dev, m, v });
+            (self.m, self.v) = (Vec::new(), Vec::new());
+            Ok(())
+        }
+        #[cfg(not(feature = "cuda"))]
+        Err(Error::Msg(format!("AdamW: cannot keep the moments on {device:?}: this build has no CUDA support")))
+    }
+
+    /// One AdamW update of the device-resident `params` with `grads`, each gradient scaled
+    /// by `grad_scale` (the clipping coefficient, 1 for none) as it is read. Bitwise the
+    /// host [`AdamW::step`] on the same values.
+    #[cfg(feature = "cuda")]
+    pub fn step_cuda(
+        &mut self,
+        params: &mut candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>,
+        grads: &candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>,
+        lr: f64,
+        grad_scale: f32,
+    ) -> Result<()> {
+        let n = self.num_params;
+        if params.len() != n || grads.len() != n {
+            return Err(Error::Msg(format!(
+                "AdamW: the optimizer holds state for {n} parameters, but got {} parameters and {} gradients",
+                params.len(),
+                grads.len()
+            )));
+        }
+        if self.device.is_none() {
+            return Err(Error::Msg("AdamW: step_cuda before make_resident: the moments are on the host".into()));
+        }
+        let scalars = self.next_scalars(lr, grad_scale);
+        let d = self.device.as_mut().expect("checked above");
+        crate::kernels::optim::adamw_step(&d.dev, params, &mut d.m, &mut d.v, grads, &scalars)
+    }
+
+    /// The moments as host vectors (downloaded when they live on a device).
+    fn host_moments(&self) -> Result<(std::borrow::Cow<'_, [f32]>, std::borrow::Cow<'_, [f32]>)> {
+        #[cfg(feature = "cuda")]
+        if let Some(d) = &self.device {
+            return Ok((d.dev.clone_dtoh(&d.m)?.into(), d.dev.clone_dtoh(&d.v)?.into()));
+        }
+        Ok((self.m.as_slice().into(), self.v.as_slice().into()))
+    }
+
     /// The state to checkpoint: `exp_avg`, `exp_avg_sq` (f32, `[num_params]`) and `step`
-    /// (i64, `[1]`), on the CPU.
+    /// (i64, `[1]`), on the CPU (downloaded when the moments live on a device).
     pub fn state_tensors(&self) -> Result<Vec<(String, Tensor)>> {
-        let n = self.m.len();
+        let n = self.num_params;
+        let (m, v) = self.host_moments()?;
         Ok(vec![
             (
                 EXP_AVG.to_string(),
-                Tensor::from_slice(&self.m, n, &Device::Cpu)?,
+                Tensor::from_slice(&m, n, &Device::Cpu)?,
             ),
             (
                 EXP_AVG_SQ.to_string(),
-                Tensor::from_slice(&self.v, n, &Device::Cpu)?,
+                Tensor::from_slice(&v, n, &Device::Cpu)?,
             ),
             (
                 STEP.to_string(),
@@ -150,9 +293,9 @@ impl AdamW {
         ])
     }
 
-    /// Restores the state written by [`AdamW::state_tensors`]; `source` (the file the
-    /// tensors came from) only names the file in errors. `step` may be of any dtype, as
-    /// torch stores it as a float.
+    /// Restores the state written by [`AdamW::state_tensors`] (uploading the moments when
+    /// they live on a device); `source` (the file the tensors came from) only names the file
+    /// in errors. `step` may be of any dtype, as torch stores it as a float.
     pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>, source: &Path) -> Result<()> {
         let get = |name: &str| {
             tensors.get(name).ok_or_else(|| Error::MissingTensor {
@@ -160,7 +303,7 @@ impl AdamW {
                 name: name.to_string(),
             })
         };
-        let n = self.m.len();
+        let n = self.num_params;
         let moment = |name: &str| -> Result<Vec<f32>> {
             let t = get(name)?;
             if t.dims() != [n] {
@@ -191,6 +334,13 @@ impl AdamW {
                 ))
             }
         };
+        #[cfg(feature = "cuda")]
+        if let Some(d) = &mut self.device {
+            d.dev.memcpy_htod(&m, &mut d.m)?;
+            d.dev.memcpy_htod(&v, &mut d.v)?;
+            self.step = step;
+            return Ok(());
+        }
         (self.m, self.v, self.step) = (m, v, step);
         Ok(())
     }
@@ -266,11 +416,17 @@ pub fn clip_grad_norm(grads: &mut [f32], max_norm: f64) -> f64 {
     if !norm.is_finite() {
         return norm;
     }
-    let coef = (max_norm / (norm + 1e-6)).min(1.0) as f32;
+    let coef = clip_coef(norm, max_norm);
     if coef < 1.0 {
         grads.iter_mut().for_each(|g| *g *= coef);
     }
     norm
+}
+
+/// The factor torch.nn.utils.clip_grad_norm_ scales gradients of L2 norm `norm` by:
+/// min(1, max_norm/(norm + 1e-6)), rounded to f32 as the gradients are.
+pub fn clip_coef(norm: f64, max_norm: f64) -> f32 {
+    (max_norm / (norm + 1e-6)).min(1.0) as f32
 }
 
 /// Adds one micro-batch's gradients into the accumulation buffer.

@@ -515,7 +515,7 @@ fn run_single(spec: &BenchSpec, case: &BenchCase, model: Option<&mut Model>, pro
                 model.backward(&out.dh, saved, &ctx, &params, &mut grads)?;
                 mark(3, on)?;
                 opt.step(&mut params.values, &grads.flat, 1e-4)?;
-                grads.zero();
+                grads.zero()?;
                 mark(4, on)?;
                 last_loss = out.ce_sum / n_valid as f64;
                 if let Some(p) = phases {

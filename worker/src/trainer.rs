@@ -7,6 +7,11 @@
 //! accumulates adapter gradients into one flat buffer. Gradients are normalised by the
 //! number of target tokens in the whole accumulated batch, so accumulation is exactly
 //! equivalent to one large batch.
+//!
+//! On a CUDA device the adapters (fp32 master and compute-dtype copy), their gradients and
+//! the AdamW moments move to the device at the first microbatch and stay there: the
+//! backward accumulates into the device gradient buffer, and the optimizer step (norm,
+//! clipping, AdamW, refresh of the compute copy) runs there, reading back only the norm.
 
 use std::time::Instant;
 
@@ -16,6 +21,8 @@ use qdistill_common::lora::{LoraGrads, LoraParams};
 use qdistill_common::loss::{fused_linear_distill, KdLoss, LossConfig, TeacherOutput};
 use qdistill_common::model::decoder::StepCtx;
 use qdistill_common::model::Model;
+#[cfg(feature = "cuda")]
+use qdistill_common::optim::clip_coef;
 use qdistill_common::optim::{clip_grad_norm, grad_norm, AdamW};
 use qdistill_common::Result;
 
@@ -121,6 +128,7 @@ impl Student {
         grad_scale: f64,
         dropout_seed: u64,
     ) -> Result<LossSums> {
+        self.keep_on_device()?;
         let lora = self.params.to_device(self.model.device(), self.model.dtype())?;
         let ctx = StepCtx {
             position_ids: &batch.position_ids,
@@ -141,16 +149,50 @@ impl Student {
         Ok(LossSums { ce: out.ce_sum, kd: out.kd_sum, tokens: out.n_tokens })
     }
 
+    /// On a CUDA device, moves adapters, gradients and optimizer moments there (once, so
+    /// that no step copies them again); a no-op on the CPU and once resident. Checkpoint
+    /// loads before or after this land in the right place either way.
+    pub fn keep_on_device(&mut self) -> Result<()> {
+        let device = self.model.device().clone();
+        if device.is_cpu() || self.grads.is_resident() {
+            return Ok(());
+        }
+        self.params.make_resident(&device, self.model.dtype())?;
+        self.opt.make_resident(&device)?;
+        self.grads.make_resident(&device)
+    }
+
     /// Clip, step, zero. Returns the pre-clip gradient norm. A non-finite norm skips the
     /// update (as HF's AMP path does) rather than writing NaNs into the adapters.
     pub fn optimizer_step(&mut self, lr: f64, max_grad_norm: f64) -> Result<f64> {
+        #[cfg(feature = "cuda")]
+        if self.grads.is_resident() {
+            return self.optimizer_step_on_device(lr, max_grad_norm);
+        }
         let norm = if max_grad_norm > 0.0 { clip_grad_norm(&mut self.grads.flat, max_grad_norm) } else { grad_norm(&self.grads.flat) };
         if norm.is_finite() {
             self.opt.step(&mut self.params.values, &self.grads.flat, lr)?;
         } else {
             tracing::warn!(norm, "non-finite gradient norm: optimizer step skipped");
         }
-        self.grads.zero();
+        self.grads.zero()?;
+        Ok(norm)
+    }
+
+    /// `optimizer_step` with everything on the device: the norm is the one value read
+    /// back; clipping is a factor the AdamW kernel applies as it reads each gradient (the
+    /// same f32 product as the host's in-place scaling).
+    #[cfg(feature = "cuda")]
+    fn optimizer_step_on_device(&mut self, lr: f64, max_grad_norm: f64) -> Result<f64> {
+        let norm = self.grads.norm()?;
+        if norm.is_finite() {
+            let grad_scale = if max_grad_norm > 0.0 { clip_coef(norm, max_grad_norm) } else { 1.0 };
+            let (opt, grads) = (&mut self.opt, &self.grads);
+            self.params.update_on_device(|p| opt.step_cuda(p, grads.cuda_slice()?, lr, grad_scale))?;
+        } else {
+            tracing::warn!(norm, "non-finite gradient norm: optimizer step skipped");
+        }
+        self.grads.zero()?;
         Ok(norm)
     }
 

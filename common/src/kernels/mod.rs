@@ -4,6 +4,7 @@
 //! cache, and launched through cudarc on candle's stream, so they order with every candle op.
 //!
 //! - [`nf4`]: NF4 weights resident on the device and their dequantization.
+//! - [`optim`]: AdamW, the gradient norm and the LoRA gradient GEMMs over flat fp32 buffers.
 //! - [`MemPool`]: the device's stream-ordered memory pool, which cudarc allocates from:
 //!   keep freed blocks (no re-mapping between steps) and read the high-water mark of
 //!   memory in use (what torch calls `max_memory_allocated`).
@@ -17,6 +18,7 @@ pub use half::bf16;
 use crate::{Error, Result};
 
 pub mod nf4;
+pub mod optim;
 pub use nf4::{CudaNf4, Nf4Launch, Nf4Out, NF4_BF16_DQ_VARIANTS, NF4_DEFAULT_LAUNCH};
 
 /// The CUDA device behind a candle device, or a typed error naming what was given.

@@ -104,10 +104,12 @@ pub(crate) fn run(ctx: &RoleCtx, a: &Assignment, cfg: &TrainConfig) -> Result<Ro
                 trained.push(step * g as u64 + k as u64);
                 sample_ids.extend_from_slice(&batches[k].sample_ids);
             }
-            partials.push(std::mem::replace(&mut student.grads.flat, vec![0.0; n_params]));
+            partials.push(student.grads.take_host()?);
         }
         let parts: Vec<&[f32]> = partials.iter().map(|p| p.as_slice()).collect();
-        ordered_all_reduce(&group, &parts, &mut student.grads.flat, CHAIN_CHUNK).map_err(RoleError::lost)?;
+        let mut reduced = vec![0.0; n_params];
+        ordered_all_reduce(&group, &parts, &mut reduced, CHAIN_CHUNK).map_err(RoleError::lost)?;
+        student.grads.set_host(reduced)?;
         let lr = lr_at(scheduler(t.lr_scheduler_type), t.learning_rate, step, warmup, total);
         let grad_norm = student.optimizer_step(lr, t.max_grad_norm)?;
         for &tr in &my_teachers {
