@@ -3,8 +3,8 @@
 //! Models are random (no checkpoint of 8B size can travel to a benchmark machine) but go
 //! through exactly the code a training run uses: `Model::random` builds the same `Model`
 //! as `Model::load`, LoRA adapters come from `LoraParams`, and one student step is the
-//! sequence of `trainer::Student::micro_step` + `optimizer_step` (adapters uploaded,
-//! hand-written forward, fused LM-head loss, hand-written backward, AdamW on the host).
+//! sequence of `trainer::Student::micro_step` + `optimizer_step` (adapters, gradients and AdamW
+//! state on the device, hand-written forward, fused LM-head loss, hand-written backward).
 //! Settings follow the reference baselines (benches/baselines/): LoRA r=16, alpha=32 on
 //! all seven linears, bf16, labels = inputs shifted by one, AdamW lr 1e-4 with torch's
 //! default weight decay 0.01, no gradient clipping.
@@ -95,6 +95,8 @@ pub enum BenchCase {
     Matmul { n: usize },
     /// Device-to-device copy of `bytes`: the bandwidth ceiling (read + write counted).
     Copy { bytes: usize },
+    /// A kernel family's own micro-benchmark at Llama-3-8B sizes (its report is the note).
+    KernelReport { family: &'static str },
 }
 
 impl BenchCase {
@@ -118,6 +120,7 @@ impl BenchCase {
             BenchCase::BlockProfile { shape, batch, seq } => format!("block profile {} {batch}x{seq}", shape.name()),
             BenchCase::Matmul { n } => format!("bf16 matmul {n}^3"),
             BenchCase::Copy { bytes } => format!("d2d copy {} MiB", bytes >> 20),
+            BenchCase::KernelReport { family } => format!("kernels: {family}"),
         }
     }
 
@@ -150,6 +153,7 @@ impl BenchSpec {
             BenchCase::Copy { bytes: 1 << 30 },
             BenchCase::Matmul { n: 8192 },
             BenchCase::Nf4Dequant { rows: 14336, cols: 4096 },
+            BenchCase::KernelReport { family: "optim" },
         ];
         for chunk_tokens in [256, 1024] {
             cases.push(BenchCase::FusedKl { tokens: 8192, vocab: 128_256, hidden: 4096, chunk_tokens });
@@ -479,6 +483,13 @@ fn run_single(spec: &BenchSpec, case: &BenchCase, model: Option<&mut Model>, pro
             }
             let mut grads = LoraGrads::zeros(&params);
             let mut opt = AdamW::new(params.len(), AdamWConfig { weight_decay: 0.01, ..AdamWConfig::default() });
+            // As the trainer does (Student::keep_on_device): on a GPU, adapters, gradients and
+            // AdamW moments live there for the whole run.
+            if device.is_cuda() {
+                params.make_resident(device, model.dtype())?;
+                grads.make_resident(device)?;
+                opt.make_resident(device)?;
+            }
             let loss = LossConfig {
                 ce_weight: 1.0,
                 kd_weight: 0.0,
@@ -514,7 +525,7 @@ fn run_single(spec: &BenchSpec, case: &BenchCase, model: Option<&mut Model>, pro
                 mark(2, on)?;
                 model.backward(&out.dh, saved, &ctx, &params, &mut grads)?;
                 mark(3, on)?;
-                opt.step(&mut params.values, &grads.flat, 1e-4)?;
+                optimizer_step(&mut params, &grads, &mut opt)?;
                 grads.zero()?;
                 mark(4, on)?;
                 last_loss = out.ce_sum / n_valid as f64;
@@ -599,6 +610,10 @@ fn run_single(spec: &BenchSpec, case: &BenchCase, model: Option<&mut Model>, pro
             let tflops = 2.0 * (n as f64).powi(3) / (ms / 1e3) / 1e12;
             Ok(row(case, tflops, "TFLOP/s", ms, peak, "random data".into()))
         }
+        BenchCase::KernelReport { family } => {
+            let report = kernel_report(family, device)?;
+            Ok(row(case, 0.0, "", 0.0, None, report.replace('\n', "; ").replace('|', "/")))
+        }
         BenchCase::Copy { bytes } => {
             let n = bytes / 4;
             let a = Tensor::randn(0f32, 1.0, n, device)?;
@@ -611,6 +626,34 @@ fn run_single(spec: &BenchSpec, case: &BenchCase, model: Option<&mut Model>, pro
             Ok(row(case, gbs, "GB/s", ms, peak, "bytes read + written".into()))
         }
     }
+}
+
+/// The micro-benchmark of a kernel family (each lives beside its GPU checks).
+fn kernel_report(family: &str, device: &Device) -> anyhow::Result<String> {
+    #[cfg(feature = "cuda")]
+    {
+        match family {
+            "optim" => crate::selftest_optim::optim_bench(device),
+            other => Err(anyhow!("no kernel family {other:?}")),
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = device;
+        Err(anyhow!("kernel family {family:?}: this binary is built without the `cuda` feature"))
+    }
+}
+
+/// AdamW at lr 1e-4 without clipping (the baselines' settings), on the device when the
+/// state lives there.
+fn optimizer_step(params: &mut LoraParams, grads: &LoraGrads, opt: &mut AdamW) -> anyhow::Result<()> {
+    #[cfg(feature = "cuda")]
+    if grads.is_resident() {
+        params.update_on_device(|p| opt.step_cuda(p, grads.cuda_slice()?, 1e-4, 1.0))?;
+        return Ok(());
+    }
+    opt.step(&mut params.values, &grads.flat, 1e-4)?;
+    Ok(())
 }
 
 /// Times each op of one decoder block in isolation. The note lists milliseconds per op
@@ -859,6 +902,10 @@ pub fn run_selftest(spec: &SelftestSpec) -> anyhow::Result<SelftestReport> {
     record("llama-peft distill grads vs PEFT".into(), catch(&|| check_peft_grads(&models, "llama-peft", "llama", dev, true, true)));
     record("gemma2-peft rsLoRA CE grads vs PEFT".into(), catch(&|| check_peft_grads(&models, "gemma2-peft", "gemma2", dev, false, false)));
     record("llama nf4 model on device vs CPU".into(), catch(&|| check_nf4_model(&models.join("llama"), dev)));
+    #[cfg(feature = "cuda")]
+    for (name, res) in crate::selftest_optim::optim_checks(dev, &spec.fixtures) {
+        record(name, Ok(res));
+    }
     Ok(SelftestReport { device, checks })
 }
 
@@ -1078,7 +1125,7 @@ mod tests {
     #[test]
     fn harness_runs_every_case_kind_on_cpu() {
         let mut spec = BenchSpec::standard(Device::Cpu, &[ModelShape::Tiny]);
-        spec.cases.retain(|c| !matches!(c, BenchCase::FusedKl { .. } | BenchCase::Copy { .. } | BenchCase::Matmul { .. }));
+        spec.cases.retain(|c| !matches!(c, BenchCase::FusedKl { .. } | BenchCase::Copy { .. } | BenchCase::Matmul { .. } | BenchCase::KernelReport { .. }));
         spec.cases.push(BenchCase::FusedKl { tokens: 16, vocab: 96, hidden: 32, chunk_tokens: 5 });
         spec.cases.push(BenchCase::Matmul { n: 32 });
         spec.cases.push(BenchCase::BlockProfile { shape: ModelShape::Tiny, batch: 2, seq: 8 });
