@@ -36,6 +36,7 @@ struct LayerKv {
     kv: Option<(Tensor, Tensor)>,
     /// Position of the first cached key (above 0 once a sliding window dropped some).
     start: usize,
+    window: Option<usize>,
 }
 
 impl KvCache {
@@ -58,12 +59,14 @@ impl KvCache {
     }
 
     /// Keeps the first `n` positions. Returns false, leaving the cache as it was, when a
-    /// sliding-window layer has already dropped keys that positions after `n` would see.
+    /// sliding-window layer has already dropped keys that position `n` would see.
     pub fn truncate(&mut self, n: usize) -> Result<bool> {
         if n >= self.len {
             return Ok(true);
         }
-        if self.layers.iter().any(|l| l.start > 0) {
+        // Position n sees keys n + 1 - window ..= n; the layer must still hold them.
+        let holds = |l: &LayerKv| l.start == 0 || l.window.is_some_and(|w| l.start + w <= n + 1);
+        if !self.layers.iter().all(holds) {
             return Ok(false);
         }
         if n == 0 {
@@ -72,7 +75,8 @@ impl KvCache {
         }
         for l in &mut self.layers {
             if let Some((k, v)) = &l.kv {
-                l.kv = Some((k.narrow(2, 0, n)?.contiguous()?, v.narrow(2, 0, n)?.contiguous()?));
+                let keep = n - l.start;
+                l.kv = Some((k.narrow(2, 0, keep)?.contiguous()?, v.narrow(2, 0, keep)?.contiguous()?));
             }
         }
         self.len = n;
@@ -99,6 +103,7 @@ impl KvCache {
                 (k_all, v_all, out)
             }
         };
+        l.window = cfg.sliding_window;
         let total = k_all.dim(2)?;
         let keep = cfg.sliding_window.map_or(total, |w| w.min(total));
         l.kv = Some(if keep < total {
