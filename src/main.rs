@@ -1,5 +1,6 @@
 //! The `qdistill` command line: a thin layer over qdistill-worker and qdistill-common.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -364,8 +365,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 sampling: qdistill_common::generate::SamplingParams { temperature, top_k, top_p, repetition_penalty, seed },
                 chat_template: !no_chat_template,
             };
-            let (stdin, stdout, mut stderr) = (std::io::stdin(), std::io::stdout(), std::io::stderr());
-            qdistill_worker::generate::run_generate(&args, &mut stdin.lock(), &mut stdout.lock(), &mut stderr)?;
+            let stdin = std::io::stdin();
+            // The "> " turn marker is for people typing, not for piped input.
+            let mut marker: Box<dyn std::io::Write> =
+                if stdin.is_terminal() { Box::new(std::io::stderr()) } else { Box::new(std::io::sink()) };
+            qdistill_worker::generate::run_generate(&args, &mut stdin.lock(), &mut std::io::stdout().lock(), &mut marker)?;
             Ok(())
         }
         Command::Eval {
