@@ -190,8 +190,12 @@ enum Command {
         /// Multiple-choice JSONL: {"question", "choices": [...], "answer": index or letter}.
         #[arg(long)]
         mc: Option<PathBuf>,
+        /// Longer samples are cut (keeping EOS), as training cuts them.
         #[arg(long, default_value_t = 1024)]
         max_seq_length: usize,
+        /// Score only the first N samples of --data and of --rehearsal.
+        #[arg(long)]
+        max_samples: Option<usize>,
         #[arg(long, default_value_t = 4)]
         batch_size: usize,
         /// Render questions and chat records without the tokenizer's chat template.
@@ -380,6 +384,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             rehearsal,
             mc,
             max_seq_length,
+            max_samples,
             batch_size,
             no_chat_template,
             json,
@@ -392,6 +397,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 rehearsal,
                 mc,
                 max_seq_length,
+                max_samples,
                 batch_size,
                 chat_template: !no_chat_template,
             };

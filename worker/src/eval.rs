@@ -32,17 +32,22 @@ use crate::trainer::{teacher_hidden, DeviceBatch, LossSums, Teacher};
 
 /// One pass over the samples of a data file, in batches of padded (unpacked) rows, read
 /// and masked exactly as training reads it.
+#[allow(clippy::too_many_arguments)]
 pub fn eval_batches(
     path: &Path,
     format: DataFormat,
     tok: &TokenizerInfo,
     template: Option<&ChatTemplate>,
     max_seq_length: usize,
+    max_samples: Option<usize>,
     batch_size: usize,
     device: &Device,
 ) -> Result<Vec<DeviceBatch>> {
     let opts = data::LoadOptions { format, skip_malformed: false, max_seq_length: Some(max_seq_length) };
-    let (dataset, report) = data::load_dataset(path, &opts, tok, template)?;
+    let (mut dataset, report) = data::load_dataset(path, &opts, tok, template)?;
+    if let Some(n) = max_samples {
+        dataset.samples.truncate(n);
+    }
     tracing::info!(
         file = %path.display(), format = report.format.name(), records = report.records,
         dropped_no_target = report.dropped_no_target, truncated = report.truncated, "loaded eval data"
@@ -296,6 +301,8 @@ pub struct EvalArgs {
     /// Multiple-choice questions (JSONL).
     pub mc: Option<PathBuf>,
     pub max_seq_length: usize,
+    /// Score only the first N samples of --data and --rehearsal.
+    pub max_samples: Option<usize>,
     pub batch_size: usize,
     pub chat_template: bool,
 }
@@ -393,15 +400,16 @@ pub fn run_eval(args: &EvalArgs) -> anyhow::Result<EvalReport> {
     if args.data.is_none() && args.rehearsal.is_none() && args.mc.is_none() {
         bail!("nothing to evaluate: give --data, --rehearsal or --mc");
     }
-    if args.batch_size == 0 || args.max_seq_length < 2 {
-        bail!("--batch-size must be ≥ 1 and --max-seq-length ≥ 2");
+    if args.batch_size == 0 || args.max_seq_length < 2 || args.max_samples == Some(0) {
+        bail!("--batch-size and --max-samples must be ≥ 1 and --max-seq-length ≥ 2");
     }
     let m = load_for_inference(&args.model)?;
     let (model, tok) = (&m.model, &m.tokenizer);
     let device = model.device().clone();
     let template = if args.chat_template { ChatTemplate::from_tokenizer(tok)? } else { None };
     let batches = |path: &Path, format: DataFormat| -> anyhow::Result<Vec<DeviceBatch>> {
-        Ok(eval_batches(path, format, tok, template.as_ref(), args.max_seq_length, args.batch_size, &device)?)
+        let (max_len, n) = (args.max_seq_length, args.max_samples);
+        Ok(eval_batches(path, format, tok, template.as_ref(), max_len, n, args.batch_size, &device)?)
     };
     let data = args.data.as_deref().map(|p| batches(p, args.format)).transpose()?;
     let rehearsal = args.rehearsal.as_deref().map(|p| batches(p, DataFormat::Auto)).transpose()?;

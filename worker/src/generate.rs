@@ -58,7 +58,7 @@ pub fn parse_dtype(s: &str) -> anyhow::Result<DType> {
 
 /// The layers a depth-pruned student was trained with, from the resolved config that
 /// training saves next to its adapter: the adapter only fits the model cut the same way.
-fn adapter_keep_layers(dir: &Path) -> anyhow::Result<Option<Vec<usize>>> {
+fn adapter_keep_layers(dir: &Path, nf4: bool) -> anyhow::Result<Option<Vec<usize>>> {
     let p = dir.join("qdistill_config.toml");
     if !p.exists() {
         return Ok(None);
@@ -66,6 +66,9 @@ fn adapter_keep_layers(dir: &Path) -> anyhow::Result<Option<Vec<usize>>> {
     let cfg = config::load(&p, &[]).with_context(|| format!("reading keep_layers from {}", p.display()))?;
     if let Some(k) = &cfg.model.keep_layers {
         tracing::info!(config = %p.display(), keep_layers = ?k, "the adapter was trained on a depth-pruned model");
+    }
+    if cfg.model.quantization == config::Quantization::Nf4 && !nf4 {
+        tracing::info!("the adapter was trained on an NF4 base; --nf4 runs it on the same weights");
     }
     Ok(cfg.model.keep_layers)
 }
@@ -76,7 +79,7 @@ pub fn load_for_inference(args: &ModelArgs) -> anyhow::Result<InferenceModel> {
     let device: Device = open_device(&args.device)?;
     let dtype = parse_dtype(&args.dtype)?;
     let path = config::resolve_model_path(&args.model, None, None)?;
-    let keep_layers = args.adapter.as_deref().map(adapter_keep_layers).transpose()?.flatten();
+    let keep_layers = args.adapter.as_deref().map(|d| adapter_keep_layers(d, args.nf4)).transpose()?.flatten();
     tracing::info!(model = %path.display(), nf4 = args.nf4, dtype = ?dtype, "loading model");
     let loaded = models::load(&path, keep_layers, args.nf4, true, &device, dtype)?;
     let mut model = loaded.model;
