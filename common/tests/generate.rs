@@ -45,7 +45,7 @@ fn full_logits(m: &Model, ids: &[u32], rows: usize, lora: Option<&LoraTensors>) 
     let pos: Vec<u32> = (0..rows).flat_map(|_| 0..t as u32).collect();
     let pos = Tensor::from_vec(pos, (rows, t), &Device::Cpu).unwrap();
     let h = m.forward_hidden(&ids, &StepCtx { position_ids: &pos, segment_ids: None, lora, dropout_seed: None }).unwrap();
-    m.logits(&h).unwrap().to_vec2().unwrap()
+    m.logits(&h).unwrap().to_dtype(DType::F32).unwrap().to_vec2().unwrap()
 }
 
 /// The same logits from `forward_cached`, fed in chunks of the given lengths (the rest one
@@ -267,3 +267,4 @@ fn smollm2_cached_greedy_answer_matches_transformers() {
     assert!(text.contains("Paris"), "{text:?}");
     assert_eq!(text, g["greedy_text"].as_str().unwrap());
 }
+
