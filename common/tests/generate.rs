@@ -219,7 +219,7 @@ fn an_adapter_changes_the_generated_tokens() {
 fn a_context_past_the_last_position_is_refused() {
     let m = tiny("llama");
     let ids = random_ids(1, m.cfg.max_position_embeddings + 1, 256, 1);
-    let e = Session::new(&m, None).prefill(&ids).err().expect("must be refused").to_string();
+    let e = Session::new(&m, None).prefill(&ids).expect_err("must be refused").to_string();
     assert!(e.contains("max_position_embeddings"), "{e}");
 }
 

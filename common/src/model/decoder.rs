@@ -421,7 +421,7 @@ impl Block {
         let x1 = (x + a)?;
         let (h2, _) = rms_norm_fwd(&x1, &self.ffn_norm, eps, unit_offset)?;
         let h2 = h2.reshape((n, d))?;
-        let m = glu_fwd(&run(4, &h2)?, &run(5, &h2)?, self.act.clone())?;
+        let m = glu_fwd(&run(4, &h2)?, &run(5, &h2)?, self.act)?;
         let mut dn = run(6, &m)?.reshape((b, t, d))?;
         if let Some(w) = &self.ffn_post_norm {
             dn = rms_norm_fwd(&dn, w, eps, unit_offset)?.0;
