@@ -1,5 +1,6 @@
 //! The `qdistill` command line: a thin layer over qdistill-worker and qdistill-common.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -177,6 +178,103 @@ enum Command {
         /// HF model directory, .safetensors file or .gguf file.
         model: PathBuf,
     },
+    /// Generate text with a model (and a trained adapter): one prompt, or a chat that
+    /// keeps the conversation. Text streams to stdout; a log line reports tokens/s.
+    Generate {
+        #[command(flatten)]
+        model: ModelOpts,
+        /// The prompt (the first user turn with --chat). Without it and without --chat the
+        /// prompt is read from stdin.
+        #[arg(long)]
+        prompt: Option<String>,
+        /// Chat: read user turns from stdin (one a line; /reset forgets the conversation,
+        /// /exit or end of input stops).
+        #[arg(long)]
+        chat: bool,
+        /// A system message before the first turn.
+        #[arg(long)]
+        system: Option<String>,
+        #[arg(long, default_value_t = 256)]
+        max_new_tokens: usize,
+        /// 0 = greedy (the most likely token); above 0 samples.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f64,
+        /// Nucleus sampling mass (1 = off).
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f64,
+        /// Sample among the K most likely tokens (0 = off).
+        #[arg(long, default_value_t = 50)]
+        top_k: usize,
+        /// transformers' repetition_penalty (1 = off).
+        #[arg(long, default_value_t = 1.0)]
+        repetition_penalty: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Use the prompt text as is, without the tokenizer's chat template.
+        #[arg(long)]
+        no_chat_template: bool,
+    },
+    /// Evaluate a model (and a trained adapter): perplexity and KL to a teacher on data,
+    /// multiple-choice accuracy, and with --adapter a forgetting report (base vs adapted).
+    Eval {
+        #[command(flatten)]
+        model: ModelOpts,
+        /// A teacher with the same tokenizer: adds KL(teacher‖model) at T = 1.
+        #[arg(long)]
+        teacher: Option<String>,
+        /// Held-out data (JSONL/JSON, any format `train` reads); CE over the trained tokens.
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Format of --data: auto, alpaca, sharegpt, messages, prompt_completion, text.
+        #[arg(long, default_value = "auto")]
+        format: String,
+        /// General-ability data the adapter should not have hurt (format detected).
+        #[arg(long)]
+        rehearsal: Option<PathBuf>,
+        /// Multiple-choice JSONL: {"question", "choices": [...], "answer": index or letter}.
+        #[arg(long)]
+        mc: Option<PathBuf>,
+        /// Longer samples are cut (keeping EOS), as training cuts them.
+        #[arg(long, default_value_t = 1024)]
+        max_seq_length: usize,
+        /// Score only the first N samples of --data and of --rehearsal.
+        #[arg(long)]
+        max_samples: Option<usize>,
+        #[arg(long, default_value_t = 4)]
+        batch_size: usize,
+        /// Render questions and chat records without the tokenizer's chat template.
+        #[arg(long)]
+        no_chat_template: bool,
+        /// Also write the metrics as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+}
+
+/// The model options `generate` and `eval` share.
+#[derive(clap::Args)]
+struct ModelOpts {
+    /// HF model directory, hub id (org/name) or .gguf file.
+    #[arg(long)]
+    model: String,
+    /// A PEFT adapter directory (adapter_config.json + adapter_model.safetensors), e.g.
+    /// <output_dir>/final_model.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// f32 or bf16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// Quantize the base to NF4 on load, as a QLoRA student is trained.
+    #[arg(long)]
+    nf4: bool,
+}
+
+impl ModelOpts {
+    fn args(self) -> qdistill_worker::generate::ModelArgs {
+        qdistill_worker::generate::ModelArgs { model: self.model, adapter: self.adapter, device: self.device, dtype: self.dtype, nf4: self.nf4 }
+    }
 }
 
 fn main() -> ExitCode {
@@ -337,6 +435,67 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 tok.eos_id,
                 if tok.chat_template.is_some() { "yes" } else { "no" }
             );
+            Ok(())
+        }
+        Command::Generate {
+            model,
+            prompt,
+            chat,
+            system,
+            max_new_tokens,
+            temperature,
+            top_p,
+            top_k,
+            repetition_penalty,
+            seed,
+            no_chat_template,
+        } => {
+            let args = qdistill_worker::generate::GenerateArgs {
+                model: model.args(),
+                prompt,
+                chat,
+                system,
+                max_new_tokens,
+                sampling: qdistill_common::generate::SamplingParams { temperature, top_k, top_p, repetition_penalty, seed },
+                chat_template: !no_chat_template,
+            };
+            let stdin = std::io::stdin();
+            // The "> " turn marker is for people typing, not for piped input.
+            let mut marker: Box<dyn std::io::Write> =
+                if stdin.is_terminal() { Box::new(std::io::stderr()) } else { Box::new(std::io::sink()) };
+            qdistill_worker::generate::run_generate(&args, &mut stdin.lock(), &mut std::io::stdout().lock(), &mut marker)?;
+            Ok(())
+        }
+        Command::Eval {
+            model,
+            teacher,
+            data,
+            format,
+            rehearsal,
+            mc,
+            max_seq_length,
+            max_samples,
+            batch_size,
+            no_chat_template,
+            json,
+        } => {
+            let args = qdistill_worker::eval::EvalArgs {
+                model: model.args(),
+                teacher,
+                data,
+                format: format.parse()?,
+                rehearsal,
+                mc,
+                max_seq_length,
+                max_samples,
+                batch_size,
+                chat_template: !no_chat_template,
+            };
+            let report = qdistill_worker::eval::run_eval(&args)?;
+            println!("{}", report.table());
+            if let Some(path) = json {
+                report.write_json(&path)?;
+            }
             Ok(())
         }
     }

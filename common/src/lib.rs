@@ -11,6 +11,7 @@ pub mod collective;
 pub mod config;
 pub mod data;
 pub mod error;
+pub mod generate;
 #[cfg(feature = "cuda")]
 pub mod kernels;
 pub mod lora;

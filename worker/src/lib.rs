@@ -4,6 +4,8 @@
 pub mod bench;
 pub mod cluster;
 pub mod data_plan;
+pub mod eval;
+pub mod generate;
 pub mod models;
 pub mod run;
 #[cfg(feature = "cuda")]

@@ -21,6 +21,7 @@ use crate::ops::activation::{glu_bwd, glu_fwd, Activation};
 use crate::ops::embedding::embedding_fwd;
 use crate::ops::rms_norm::{rms_norm_bwd, rms_norm_fwd, RmsNormSaved};
 use crate::ops::rope::{rope_bwd, rope_fwd, RopeTable};
+use crate::generate::KvCache;
 use crate::weights::WeightStore;
 use crate::{Error, Result};
 
@@ -359,9 +360,75 @@ impl Model {
         }
         Ok(z)
     }
+
+    /// Incremental forward for generation: runs `ids` [B, T] at positions
+    /// `cache.len()..cache.len() + T`, appends every layer's k and v (after RoPE) to `cache`
+    /// and returns the final normed hidden states [B·T, d]. The same block arithmetic as
+    /// `forward_hidden`, so the logits at each position equal a full forward's.
+    pub fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache, lora: Option<&LoraTensors>) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let start = cache.len();
+        if start + t > self.rope.max_len() {
+            return Err(Error::Msg(format!(
+                "a context of {} tokens exceeds the model's {} positions (max_position_embeddings)",
+                start + t,
+                self.rope.max_len()
+            )));
+        }
+        let pos: Vec<u32> = (0..b).flat_map(|_| (start..start + t).map(|p| p as u32)).collect();
+        let position_ids = Tensor::from_vec(pos, (b, t), &self.device)?;
+        let ctx = StepCtx { position_ids: &position_ids, segment_ids: None, lora, dropout_seed: None };
+        let mut x = self.embed_tokens(ids)?;
+        for (li, blk) in self.blocks.iter().enumerate() {
+            x = blk.forward_cached(&x, &ctx, li, cache, &self.rope, self.unit_offset, self.cfg.rms_norm_eps)?;
+        }
+        cache.advance(t);
+        let (h, _) = rms_norm_fwd(&x, &self.norm, self.cfg.rms_norm_eps, self.unit_offset)?;
+        Ok(h.reshape((b * t, self.cfg.hidden_size))?)
+    }
 }
 
 impl Block {
+    /// `forward` for generation: attention over the cached keys and values of earlier
+    /// positions plus this chunk's, nothing saved for a backward.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_cached(
+        &self,
+        x: &Tensor,
+        ctx: &StepCtx,
+        layer: usize,
+        cache: &mut KvCache,
+        rope: &RopeTable,
+        unit_offset: bool,
+        eps: f64,
+    ) -> Result<Tensor> {
+        let (b, t, d) = x.dims3()?;
+        let n = b * t;
+        let (hq, hkv, hd) = (self.attn.n_heads, self.attn.n_kv_heads, self.attn.head_dim);
+        let run = |k: usize, inp: &Tensor| -> Result<Tensor> { Ok(self.linears[k].forward(inp, ctx.lora, None, false)?.0) };
+        let heads = |y: Tensor, h: usize| -> Result<Tensor> { Ok(y.reshape((b, t, h, hd))?.transpose(1, 2)?.contiguous()?) };
+        let (h1, _) = rms_norm_fwd(x, &self.attn_norm, eps, unit_offset)?;
+        let h1 = h1.reshape((n, d))?;
+        let q = rope_fwd(&heads(run(0, &h1)?, hq)?, rope, ctx.position_ids)?;
+        let k = rope_fwd(&heads(run(1, &h1)?, hkv)?, rope, ctx.position_ids)?;
+        let v = heads(run(2, &h1)?, hkv)?;
+        let o = cache.attend(layer, &q, &k, &v, &self.attn)?;
+        let o = o.transpose(1, 2)?.contiguous()?.reshape((n, hq * hd))?;
+        let mut a = run(3, &o)?.reshape((b, t, d))?;
+        if let Some(w) = &self.attn_post_norm {
+            a = rms_norm_fwd(&a, w, eps, unit_offset)?.0;
+        }
+        let x1 = (x + a)?;
+        let (h2, _) = rms_norm_fwd(&x1, &self.ffn_norm, eps, unit_offset)?;
+        let h2 = h2.reshape((n, d))?;
+        let m = glu_fwd(&run(4, &h2)?, &run(5, &h2)?, self.act)?;
+        let mut dn = run(6, &m)?.reshape((b, t, d))?;
+        if let Some(w) = &self.ffn_post_norm {
+            dn = rms_norm_fwd(&dn, w, eps, unit_offset)?.0;
+        }
+        Ok((x1 + dn)?)
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
