@@ -592,13 +592,6 @@ pub fn attach_adapter(model: &mut Model, dir: &Path) -> Result<LoraParams> {
     Ok(params)
 }
 
-/// Removes every adapter slot from `model` (the frozen base alone).
-pub fn detach_adapters(model: &mut Model) -> Result<()> {
-    let none = LoraSpec { r: 1, lora_alpha: 1.0, lora_dropout: 0.0, use_rslora: false, target_modules: Vec::new() };
-    model.attach_lora(&none)?;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
