@@ -11,11 +11,11 @@
 // query rows); warp w owns MT m-tiles of 16 rows of the block, so a row's softmax
 // statistics live in the 4 lanes of one quad. The CTA walks the 64-key tiles its rows can
 // see (causal, window, segment ranges), double-buffered with cp.async:
-//   S = Q K^T (16 x 64 per warp, fp32 registers) -> scale, softcap, mask -> online softmax
+//   S = Q K^T (16 MT x 64 per warp, fp32 registers) -> softcap, mask -> online softmax
 //   (running row max m and sum l, log2 domain) -> P, rounded to bf16 and reused in
 //   registers as the A operand -> O += P V.
 // A warp whose rows see nothing of a tile (above the diagonal, past the window) skips it.
-// At the end O /= l, and lse = m * ln2 + ln l is kept for the backward. Every row sees at
+// At the end O /= l, and lse = ln(sum exp(scores)) = m + ln l is kept for the backward. Every row sees at
 // least its own key, so l > 0 for every row that is written.
 //
 // Backward: flash_bwd_pre computes delta_i = rowsum(dO_i * O_i) in fp32 and zeroes the
