@@ -9,5 +9,7 @@ pub mod generate;
 pub mod models;
 pub mod run;
 #[cfg(feature = "cuda")]
+pub mod selftest_flash;
+#[cfg(feature = "cuda")]
 pub mod selftest_optim;
 pub mod trainer;

@@ -11,8 +11,11 @@
 //! matmul per kv head covers the whole group. The same view sums dk/dv over the group for
 //! free.
 //!
-//! This is the reference path: it materialises the `T × T` scores of every head (forward
-//! and backward), which the fused CUDA kernel avoids.
+//! [`attention_fwd`] and [`attention_bwd`] run the fused flash-attention kernel
+//! ([`crate::kernels::flash`], feature `cuda`) where [`uses_flash_kernel`] says so: bf16 or
+//! f16 CUDA tensors with head_dim 64 or 128, unless `QDISTILL_ATTENTION=reference` is set.
+//! Everything else takes the reference path ([`attention_fwd_reference`],
+//! [`attention_bwd_reference`]), which materialises the `T × T` scores of every head.
 
 use candle_core::{DType, Device, Tensor, D};
 
@@ -44,10 +47,10 @@ pub struct AttnSaved {
     pub lse: Tensor,
 }
 
-struct Dims {
-    b: usize,
-    t: usize,
-    group: usize,
+pub(crate) struct Dims {
+    pub(crate) b: usize,
+    pub(crate) t: usize,
+    pub(crate) group: usize,
 }
 
 fn shape_err(op: &str, what: &str, got: &[usize], expected: String) -> Error {
@@ -56,7 +59,7 @@ fn shape_err(op: &str, what: &str, got: &[usize], expected: String) -> Error {
     ))
 }
 
-fn check(
+pub(crate) fn check(
     op: &str,
     q: &Tensor,
     k: &Tensor,
@@ -167,9 +170,53 @@ fn scores(
     Ok((s.reshape((b, cfg.n_kv_heads, group, t, t))?, th))
 }
 
-/// `q`: `[B, Hq, T, D]`, `k`, `v`: `[B, Hkv, T, D]`, `segment_ids`: `[B, T]` u32 (tokens
-/// attend only within their own segment). Returns `[B, Hq, T, D]`.
+/// Set to `reference` to keep every attention call on the reference path (for comparing
+/// the two on a GPU).
+pub const ATTENTION_PATH_ENV: &str = "QDISTILL_ATTENTION";
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn reference_forced() -> bool {
+    static FORCED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FORCED.get_or_init(|| std::env::var(ATTENTION_PATH_ENV).is_ok_and(|v| v == "reference"))
+}
+
+/// Whether [`attention_fwd`] / [`attention_bwd`] run the flash-attention kernel for these
+/// inputs (always false without the `cuda` feature).
+pub fn uses_flash_kernel(q: &Tensor, cfg: &AttnConfig) -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        !reference_forced() && crate::kernels::flash::flash_supported(q, cfg)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (q, cfg);
+        false
+    }
+}
+
+/// `q`: `[B, Hq, T, D]`, `k`, `v`: `[B, Hkv, T, D]`, `segment_ids`: `[B, T]` u32 or i64
+/// (tokens attend only within their own segment). Returns `[B, Hq, T, D]`.
 pub fn attention_fwd(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cfg: &AttnConfig,
+    segment_ids: Option<&Tensor>,
+) -> Result<(Tensor, AttnSaved)> {
+    #[cfg(feature = "cuda")]
+    if uses_flash_kernel(q, cfg) {
+        use crate::kernels::flash::{flash_attn_fwd, OutputInit};
+        // Saved contiguous, so that the backward does not copy them again.
+        let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+        let (out, lse) = flash_attn_fwd(&q, &k, &v, cfg, segment_ids, OutputInit::Uninit)?;
+        let saved = AttnSaved { q, k, v, out: out.clone(), lse };
+        return Ok((out, saved));
+    }
+    attention_fwd_reference(q, k, v, cfg, segment_ids)
+}
+
+/// [`attention_fwd`] on the reference path, whatever the device and dtype.
+pub fn attention_fwd_reference(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
@@ -208,6 +255,22 @@ pub fn attention_bwd(
     cfg: &AttnConfig,
     segment_ids: Option<&Tensor>,
 ) -> Result<(Tensor, Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if uses_flash_kernel(&saved.q, cfg) {
+        use crate::kernels::flash::{flash_attn_bwd, OutputInit};
+        let AttnSaved { q, k, v, out, lse } = saved;
+        return flash_attn_bwd(dout, q, k, v, out, lse, cfg, segment_ids, OutputInit::Uninit);
+    }
+    attention_bwd_reference(dout, saved, cfg, segment_ids)
+}
+
+/// [`attention_bwd`] on the reference path, whatever the device and dtype.
+pub fn attention_bwd_reference(
+    dout: &Tensor,
+    saved: &AttnSaved,
+    cfg: &AttnConfig,
+    segment_ids: Option<&Tensor>,
+) -> Result<(Tensor, Tensor, Tensor)> {
     let AttnSaved { q, k, v, out, lse } = saved;
     let dims = check("attention_bwd", q, k, v, cfg, segment_ids)?;
     if dout.dims() != q.dims() {
@@ -225,7 +288,8 @@ pub fn attention_bwd(
 
     let (s, th) = scores(&q_g, k, cfg, &dims)?;
     let s = s.broadcast_add(&mask_bias(t, cfg, segment_ids, q.dtype(), q.device())?)?;
-    let lse = lse.reshape((b, hkv, group, t, 1))?;
+    // The kernel saves lse in f32 whatever the input dtype.
+    let lse = lse.to_dtype(q.dtype())?.reshape((b, hkv, group, t, 1))?;
     let p = s
         .broadcast_sub(&lse)?
         .exp()?
