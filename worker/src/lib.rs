@@ -6,4 +6,6 @@ pub mod cluster;
 pub mod data_plan;
 pub mod models;
 pub mod run;
+#[cfg(feature = "cuda")]
+pub mod selftest_fused;
 pub mod trainer;
