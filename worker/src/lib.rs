@@ -11,5 +11,7 @@ pub mod run;
 #[cfg(feature = "cuda")]
 pub mod selftest_flash;
 #[cfg(feature = "cuda")]
+pub mod selftest_fused;
+#[cfg(feature = "cuda")]
 pub mod selftest_optim;
 pub mod trainer;

@@ -2,6 +2,11 @@
 //!
 //! The backward recomputes `act(gate)` from `gate` instead of saving it: it is one
 //! elementwise pass, and saving it would cost an intermediate-sized activation per layer.
+//!
+//! On a CUDA device, bf16 and f32 inputs go to the fused kernels of
+//! [`crate::kernels::fused`] (forward and backward one pass each); the `*_reference`
+//! functions are the candle formulation that every other device runs and that the kernels
+//! are checked against.
 
 use candle_core::Tensor;
 use serde::Deserialize;
@@ -92,7 +97,28 @@ fn act_and_grad(x: &Tensor, act: Activation) -> Result<(Tensor, Tensor)> {
 /// `act(gate) * up`, both of the same shape.
 pub fn glu_fwd(gate: &Tensor, up: &Tensor, act: Activation) -> Result<Tensor> {
     check_same_shape("glu_fwd", gate, up)?;
+    #[cfg(feature = "cuda")]
+    if crate::kernels::fused::applies(&[gate, up]) {
+        return crate::kernels::fused::glu_fwd(gate, up, act);
+    }
+    glu_fwd_reference(gate, up, act)
+}
+
+/// [`glu_fwd`] as candle ops on any device, in the inputs' dtype.
+pub fn glu_fwd_reference(gate: &Tensor, up: &Tensor, act: Activation) -> Result<Tensor> {
+    check_same_shape("glu_fwd", gate, up)?;
     Ok((act_fwd(gate, act)? * up)?)
+}
+
+fn check_bwd(dy: &Tensor, gate: &Tensor, up: &Tensor) -> Result<()> {
+    check_same_shape("glu_bwd", gate, up)?;
+    check_same_shape("glu_bwd", gate, dy).map_err(|_| {
+        Error::Msg(format!(
+            "glu_bwd: dy has shape {:?} but gate has {:?}",
+            dy.dims(),
+            gate.dims()
+        ))
+    })
 }
 
 /// Returns `(dgate, dup)` for `y = act(gate) * up`.
@@ -102,14 +128,22 @@ pub fn glu_bwd(
     up: &Tensor,
     act: Activation,
 ) -> Result<(Tensor, Tensor)> {
-    check_same_shape("glu_bwd", gate, up)?;
-    check_same_shape("glu_bwd", gate, dy).map_err(|_| {
-        Error::Msg(format!(
-            "glu_bwd: dy has shape {:?} but gate has {:?}",
-            dy.dims(),
-            gate.dims()
-        ))
-    })?;
+    check_bwd(dy, gate, up)?;
+    #[cfg(feature = "cuda")]
+    if crate::kernels::fused::applies(&[dy, gate, up]) {
+        return crate::kernels::fused::glu_bwd(dy, gate, up, act);
+    }
+    glu_bwd_reference(dy, gate, up, act)
+}
+
+/// [`glu_bwd`] as candle ops on any device, in the inputs' dtype.
+pub fn glu_bwd_reference(
+    dy: &Tensor,
+    gate: &Tensor,
+    up: &Tensor,
+    act: Activation,
+) -> Result<(Tensor, Tensor)> {
+    check_bwd(dy, gate, up)?;
     let (a, da) = act_and_grad(gate, act)?;
     let dgate = (dy * up)?.mul(&da)?;
     let dup = (dy * a)?;

@@ -2,6 +2,10 @@
 //! `GemmaRMSNorm` (`unit_offset`: `y = x * rsqrt(mean(x²) + eps) * (1 + w)`).
 //!
 //! The weight is frozen, so the backward returns only dX.
+//!
+//! On a CUDA device, bf16 and f32 inputs go to the fused kernels of
+//! [`crate::kernels::fused`] (one pass each way); the `*_reference` functions are the
+//! candle formulation that every other device runs and that the kernels are checked against.
 
 use candle_core::{Tensor, D};
 
@@ -12,7 +16,8 @@ use crate::{Error, Result};
 #[derive(Debug, Clone)]
 pub struct RmsNormSaved {
     pub x: Tensor,
-    /// `1 / sqrt(mean(x², -1) + eps)`, shape `[..., 1]`.
+    /// `1 / sqrt(mean(x², -1) + eps)`, shape `[..., 1]`: f32 where the CUDA kernel computed
+    /// it, x's dtype where the reference did. Either backward accepts either.
     pub rstd: Tensor,
 }
 
@@ -45,10 +50,40 @@ pub fn rms_norm_fwd(
 ) -> Result<(Tensor, RmsNormSaved)> {
     let d = x.dim(D::Minus1)?;
     check_weight("rms_norm_fwd", d, weight)?;
+    #[cfg(feature = "cuda")]
+    if crate::kernels::fused::applies(&[x, weight]) {
+        let (y, rstd) = crate::kernels::fused::rms_norm_fwd(x, weight, eps, unit_offset)?;
+        return Ok((y, RmsNormSaved { x: x.clone(), rstd }));
+    }
+    rms_norm_fwd_reference(x, weight, eps, unit_offset)
+}
+
+/// [`rms_norm_fwd`] as candle ops on any device, in x's dtype.
+pub fn rms_norm_fwd_reference(
+    x: &Tensor,
+    weight: &Tensor,
+    eps: f64,
+    unit_offset: bool,
+) -> Result<(Tensor, RmsNormSaved)> {
+    let d = x.dim(D::Minus1)?;
+    check_weight("rms_norm_fwd", d, weight)?;
     let rstd = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
     let w = effective_weight(weight, unit_offset)?;
     let y = x.broadcast_mul(&rstd)?.broadcast_mul(&w)?;
     Ok((y, RmsNormSaved { x: x.clone(), rstd }))
+}
+
+fn check_bwd(dy: &Tensor, weight: &Tensor, saved: &RmsNormSaved) -> Result<()> {
+    let d = saved.x.dim(D::Minus1)?;
+    check_weight("rms_norm_bwd", d, weight)?;
+    if dy.dims() != saved.x.dims() {
+        return Err(Error::Msg(format!(
+            "rms_norm_bwd: dy has shape {:?} but the saved input has {:?}",
+            dy.dims(),
+            saved.x.dims()
+        )));
+    }
+    Ok(())
 }
 
 /// With `x̂ = x * rstd` and `g = dy * w`, the gradient is
@@ -60,20 +95,29 @@ pub fn rms_norm_bwd(
     unit_offset: bool,
     saved: &RmsNormSaved,
 ) -> Result<Tensor> {
-    let d = saved.x.dim(D::Minus1)?;
-    check_weight("rms_norm_bwd", d, weight)?;
-    if dy.dims() != saved.x.dims() {
-        return Err(Error::Msg(format!(
-            "rms_norm_bwd: dy has shape {:?} but the saved input has {:?}",
-            dy.dims(),
-            saved.x.dims()
-        )));
+    check_bwd(dy, weight, saved)?;
+    #[cfg(feature = "cuda")]
+    if crate::kernels::fused::applies(&[dy, &saved.x, weight]) {
+        return crate::kernels::fused::rms_norm_bwd(dy, &saved.x, weight, &saved.rstd, unit_offset);
     }
+    rms_norm_bwd_reference(dy, weight, unit_offset, saved)
+}
+
+/// [`rms_norm_bwd`] as candle ops on any device, in x's dtype.
+pub fn rms_norm_bwd_reference(
+    dy: &Tensor,
+    weight: &Tensor,
+    unit_offset: bool,
+    saved: &RmsNormSaved,
+) -> Result<Tensor> {
+    check_bwd(dy, weight, saved)?;
     let w = effective_weight(weight, unit_offset)?;
-    let x_hat = saved.x.broadcast_mul(&saved.rstd)?;
+    // A kernel's forward saves rstd in f32; the candle ops need one dtype throughout.
+    let rstd = saved.rstd.to_dtype(saved.x.dtype())?;
+    let x_hat = saved.x.broadcast_mul(&rstd)?;
     let g = dy.broadcast_mul(&w)?;
     let proj = (&g * &x_hat)?.mean_keepdim(D::Minus1)?;
-    let dx = (g - x_hat.broadcast_mul(&proj)?)?.broadcast_mul(&saved.rstd)?;
+    let dx = (g - x_hat.broadcast_mul(&proj)?)?.broadcast_mul(&rstd)?;
     Ok(dx)
 }
 
@@ -158,6 +202,22 @@ mod tests {
             );
             assert_close(&got, &want, 1e-8, 1e-6, "rms_norm dx vs finite differences");
         }
+    }
+
+    #[test]
+    fn backward_takes_an_f32_rstd_with_bf16_inputs() {
+        // The CUDA forward saves rstd in f32 whatever x's dtype; the candle backward must
+        // accept that state (e.g. when the kernels are switched off between the passes).
+        let x = rand_tensor(11, (3, 32), DType::BF16);
+        let w = rand_tensor(12, 32, DType::BF16);
+        let dy = rand_tensor(13, (3, 32), DType::BF16);
+        let up = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        let (_, saved32) = rms_norm_fwd(&up(&x), &up(&w), EPS, true).unwrap();
+        let want = rms_norm_bwd(&up(&dy), &up(&w), true, &saved32).unwrap();
+        let mixed = RmsNormSaved { x: x.clone(), rstd: saved32.rstd.clone() };
+        let got = rms_norm_bwd(&dy, &w, true, &mixed).unwrap();
+        assert_eq!(got.dtype(), DType::BF16);
+        assert_close(&got, &want, 2e-2, 2e-2, "bf16 dx with f32 rstd");
     }
 
     #[test]

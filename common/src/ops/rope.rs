@@ -4,8 +4,14 @@
 //!
 //! Positions come per token, so packed sequences whose positions restart at 0 get the
 //! same rotation as if they were alone.
+//!
+//! On a CUDA device, bf16 and f32 inputs go to the fused kernel of
+//! [`crate::kernels::fused`]; the `*_reference` functions are the candle formulation that
+//! every other device runs and that the kernel is checked against.
 
-use candle_core::{DType, Device, Tensor, D};
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, Device, Tensor, TensorId, D};
 use serde::Deserialize;
 
 use crate::{Error, Result};
@@ -117,6 +123,11 @@ pub struct RopeTable {
     /// `[max_len, head_dim]`, each row `cat(cos(p·f), cos(p·f))` as HF's `emb`.
     cos: Tensor,
     sin: Tensor,
+    /// The last `position_ids` tensor found within the table. A step passes the same
+    /// tensor to every layer, and the range check reads its maximum back to the host (a
+    /// device synchronisation), so it runs once per tensor instead of once per call.
+    /// Tensor ids are never reused, and position ids are not written in place.
+    checked_positions: Arc<Mutex<Option<TensorId>>>,
 }
 
 /// `_compute_default_rope_parameters`: `1 / base^(arange(0, dim, 2) / dim)`, in f32 as
@@ -220,6 +231,7 @@ impl RopeTable {
             inv_freq,
             cos: Tensor::from_vec(cos, (max_len, head_dim), device)?,
             sin: Tensor::from_vec(sin, (max_len, head_dim), device)?,
+            checked_positions: Arc::new(Mutex::new(None)),
         })
     }
 
@@ -242,9 +254,9 @@ impl RopeTable {
         &self.sin
     }
 
-    /// cos and sin rows for `position_ids` `[B, T]`, shaped `[B, 1, T, D]` to broadcast
-    /// over heads, in `dtype`.
-    fn gather(&self, op: &str, position_ids: &Tensor, dtype: DType) -> Result<(Tensor, Tensor)> {
+    /// Checks that `position_ids` is `[batch, seq]` u32 with every id inside the table.
+    /// Done here, not left to the device gather or the kernel, which do not bounds-check.
+    pub(crate) fn check_positions(&self, op: &str, position_ids: &Tensor) -> Result<()> {
         if position_ids.dtype() != DType::U32 || position_ids.rank() != 2 {
             return Err(Error::Msg(format!(
                 "{op}: position_ids must be [batch, seq] u32, got {:?} {:?}",
@@ -252,17 +264,29 @@ impl RopeTable {
                 position_ids.dtype()
             )));
         }
-        let (b, t) = position_ids.dims2()?;
-        if b * t > 0 {
-            // Checked here, not left to the device gather, which would not bounds-check.
-            let max = position_ids.max_all()?.to_scalar::<u32>()? as usize;
-            if max >= self.max_len {
-                return Err(Error::Msg(format!(
-                    "{op}: position id {max} is beyond the RoPE table of {} positions",
-                    self.max_len
-                )));
-            }
+        let mut checked = self
+            .checked_positions
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if *checked == Some(position_ids.id()) || position_ids.elem_count() == 0 {
+            return Ok(());
         }
+        let max = position_ids.max_all()?.to_scalar::<u32>()? as usize;
+        if max >= self.max_len {
+            return Err(Error::Msg(format!(
+                "{op}: position id {max} is beyond the RoPE table of {} positions",
+                self.max_len
+            )));
+        }
+        *checked = Some(position_ids.id());
+        Ok(())
+    }
+
+    /// cos and sin rows for `position_ids` `[B, T]`, shaped `[B, 1, T, D]` to broadcast
+    /// over heads, in `dtype`.
+    fn gather(&self, op: &str, position_ids: &Tensor, dtype: DType) -> Result<(Tensor, Tensor)> {
+        self.check_positions(op, position_ids)?;
+        let (b, t) = position_ids.dims2()?;
         let flat = position_ids.flatten_all()?;
         let pick = |table: &Tensor| -> Result<Tensor> {
             Ok(table
@@ -282,14 +306,18 @@ fn rotate_half(x: &Tensor) -> Result<Tensor> {
     Ok(Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?)
 }
 
-fn check_x(op: &str, x: &Tensor, table: &RopeTable, position_ids: &Tensor) -> Result<()> {
-    let ok = match x.dims() {
-        &[b, _, t, d] => d == table.head_dim && position_ids.dims() == [b, t],
+/// Checks `x` against `[B, H, T, D]` (`bthd`: `[B, T, H, D]`) and `position_ids` `[B, T]`.
+fn check_x(op: &str, x: &Tensor, table: &RopeTable, position_ids: &Tensor, bthd: bool) -> Result<()> {
+    let ok = match (bthd, x.dims()) {
+        (false, &[b, _, t, d]) | (true, &[b, t, _, d]) => {
+            d == table.head_dim && position_ids.dims() == [b, t]
+        }
         _ => false,
     };
     if !ok {
+        let order = if bthd { "B, T, H" } else { "B, H, T" };
         return Err(Error::Msg(format!(
-            "{op}: input has shape {:?} and position_ids {:?}; expected [B, H, T, {}] and [B, T]",
+            "{op}: input has shape {:?} and position_ids {:?}; expected [{order}, {}] and [B, T]",
             x.dims(),
             position_ids.dims(),
             table.head_dim
@@ -298,10 +326,31 @@ fn check_x(op: &str, x: &Tensor, table: &RopeTable, position_ids: &Tensor) -> Re
     Ok(())
 }
 
+/// Whether the fused kernel takes this call: the ops' dispatch rule, plus the cos/sin
+/// tables on the input's device (a table built for another device goes to the reference,
+/// which reports the mismatch).
+#[cfg(feature = "cuda")]
+fn use_kernel(x: &Tensor, table: &RopeTable, position_ids: &Tensor) -> bool {
+    crate::kernels::fused::applies(&[x])
+        && table.cos.device().same_device(x.device())
+        && position_ids.device().same_device(x.device())
+}
+
 /// `x`: `[B, H, T, D]`, `position_ids`: `[B, T]` u32. Returns `x` rotated by each token's
 /// position.
 pub fn rope_fwd(x: &Tensor, table: &RopeTable, position_ids: &Tensor) -> Result<Tensor> {
-    check_x("rope_fwd", x, table, position_ids)?;
+    check_x("rope_fwd", x, table, position_ids, false)?;
+    #[cfg(feature = "cuda")]
+    if use_kernel(x, table, position_ids) {
+        use crate::kernels::fused::{rope, HeadLayout};
+        return rope(x, table, position_ids, HeadLayout::Bhtd, HeadLayout::Bhtd, false);
+    }
+    rope_fwd_reference(x, table, position_ids)
+}
+
+/// [`rope_fwd`] as candle ops on any device, in x's dtype (cos/sin rounded to it).
+pub fn rope_fwd_reference(x: &Tensor, table: &RopeTable, position_ids: &Tensor) -> Result<Tensor> {
+    check_x("rope_fwd", x, table, position_ids, false)?;
     let (cos, sin) = table.gather("rope_fwd", position_ids, x.dtype())?;
     Ok((x.broadcast_mul(&cos)? + rotate_half(x)?.broadcast_mul(&sin)?)?)
 }
@@ -310,9 +359,45 @@ pub fn rope_fwd(x: &Tensor, table: &RopeTable, position_ids: &Tensor) -> Result<
 /// `dx = dy * cos - rotate_half(dy) * sin` (sin has equal halves, so `rotate_half`
 /// commutes with the multiplication by it).
 pub fn rope_bwd(dy: &Tensor, table: &RopeTable, position_ids: &Tensor) -> Result<Tensor> {
-    check_x("rope_bwd", dy, table, position_ids)?;
+    check_x("rope_bwd", dy, table, position_ids, false)?;
+    #[cfg(feature = "cuda")]
+    if use_kernel(dy, table, position_ids) {
+        use crate::kernels::fused::{rope, HeadLayout};
+        return rope(dy, table, position_ids, HeadLayout::Bhtd, HeadLayout::Bhtd, true);
+    }
+    rope_bwd_reference(dy, table, position_ids)
+}
+
+/// [`rope_bwd`] as candle ops on any device, in dy's dtype.
+pub fn rope_bwd_reference(dy: &Tensor, table: &RopeTable, position_ids: &Tensor) -> Result<Tensor> {
+    check_x("rope_bwd", dy, table, position_ids, false)?;
     let (cos, sin) = table.gather("rope_bwd", position_ids, dy.dtype())?;
     Ok((dy.broadcast_mul(&cos)? - rotate_half(dy)?.broadcast_mul(&sin)?)?)
+}
+
+/// [`rope_fwd`] of a linear layer's output viewed as `[B, T, H, D]`, returned as
+/// `[B, H, T, D]`: the head transpose before attention and the rotation in one pass on
+/// CUDA (elsewhere: transpose, copy, rotate).
+pub fn rope_fwd_from_bthd(x: &Tensor, table: &RopeTable, position_ids: &Tensor) -> Result<Tensor> {
+    check_x("rope_fwd_from_bthd", x, table, position_ids, true)?;
+    #[cfg(feature = "cuda")]
+    if use_kernel(x, table, position_ids) {
+        use crate::kernels::fused::{rope, HeadLayout};
+        return rope(x, table, position_ids, HeadLayout::Bthd, HeadLayout::Bhtd, false);
+    }
+    rope_fwd_reference(&x.transpose(1, 2)?.contiguous()?, table, position_ids)
+}
+
+/// The backward of [`rope_fwd_from_bthd`]: `dy` `[B, H, T, D]` rotated back and returned
+/// as `[B, T, H, D]`, ready to reshape into the linear layer's `[B·T, H·D]` gradient.
+pub fn rope_bwd_to_bthd(dy: &Tensor, table: &RopeTable, position_ids: &Tensor) -> Result<Tensor> {
+    check_x("rope_bwd_to_bthd", dy, table, position_ids, false)?;
+    #[cfg(feature = "cuda")]
+    if use_kernel(dy, table, position_ids) {
+        use crate::kernels::fused::{rope, HeadLayout};
+        return rope(dy, table, position_ids, HeadLayout::Bhtd, HeadLayout::Bthd, true);
+    }
+    Ok(rope_bwd_reference(dy, table, position_ids)?.transpose(1, 2)?.contiguous()?)
 }
 
 #[cfg(test)]
@@ -588,6 +673,47 @@ mod tests {
         let got = rope_bwd(&dy, &table, &pos).unwrap();
         let want = fd_grad(|x| rope_fwd(x, &table, &pos), &x, &dy, 1e-5);
         assert_close(&got, &want, 1e-8, 1e-7, "rope dx vs finite differences");
+    }
+
+    #[test]
+    fn from_bthd_matches_complex_rotation_of_the_transpose() {
+        let (theta, d) = (10_000.0, 8);
+        let table = RopeTable::new(d, theta, None, 16, &Device::Cpu).unwrap();
+        let x = rand_tensor(9, (2, 6, 3, d), DType::F32); // [B, T, H, D]
+        let y = rope_fwd_from_bthd(&x, &table, &packed_positions()).unwrap();
+        assert_eq!(y.dims(), &[2, 3, 6, d]);
+        let xt = x.transpose(1, 2).unwrap().contiguous().unwrap();
+        let want = naive_rope(&xt, &packed_positions(), &naive_default_inv_freq(d, theta));
+        assert_close_vec(&to_f64_vec(&y), &want, 1e-5, 1e-5, "rope from [B, T, H, D]");
+    }
+
+    #[test]
+    fn bwd_to_bthd_is_the_adjoint_of_fwd_from_bthd() {
+        // <fwd(x), dy> = <x, bwd(dy)> for every x and dy: the defining property of the
+        // backward of a linear map, here across the two layouts.
+        let table = RopeTable::new(8, 10_000.0, Some(LLAMA31), 16, &Device::Cpu).unwrap();
+        let pos = packed_positions();
+        let x = rand_tensor(10, (2, 6, 3, 8), DType::F64); // [B, T, H, D]
+        let dy = rand_tensor(11, (2, 3, 6, 8), DType::F64); // [B, H, T, D]
+        let dx = rope_bwd_to_bthd(&dy, &table, &pos).unwrap();
+        assert_eq!(dx.dims(), x.dims());
+        let y = rope_fwd_from_bthd(&x, &table, &pos).unwrap();
+        let dot = |a: &Tensor, b: &Tensor| -> f64 {
+            to_f64_vec(a).iter().zip(to_f64_vec(b)).map(|(p, q)| p * q).sum()
+        };
+        let (lhs, rhs) = (dot(&y, &dy), dot(&x, &dx));
+        assert!((lhs - rhs).abs() <= 1e-10 * lhs.abs().max(1.0), "{lhs} vs {rhs}");
+    }
+
+    #[test]
+    fn a_checked_position_tensor_does_not_excuse_the_next_one() {
+        let table = RopeTable::new(4, 10_000.0, None, 6, &Device::Cpu).unwrap();
+        let x = rand_tensor(12, (2, 1, 6, 4), DType::F32);
+        let ok = Tensor::new(&[[0u32, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0]], &Device::Cpu).unwrap();
+        rope_fwd(&x, &table, &ok).unwrap();
+        rope_bwd(&x, &table, &ok).unwrap();
+        let err = rope_bwd(&x, &table, &packed_positions()).unwrap_err().to_string();
+        assert!(err.contains("position id 7 is beyond"), "{err}");
     }
 
     #[test]
