@@ -153,6 +153,8 @@ impl BenchSpec {
             BenchCase::Copy { bytes: 1 << 30 },
             BenchCase::Matmul { n: 8192 },
             BenchCase::Nf4Dequant { rows: 14336, cols: 4096 },
+            BenchCase::KernelReport { family: "flash attention" },
+            BenchCase::KernelReport { family: "fused norm/rope/glu" },
             BenchCase::KernelReport { family: "optim" },
         ];
         for chunk_tokens in [256, 1024] {
@@ -634,6 +636,8 @@ fn kernel_report(family: &str, device: &Device) -> anyhow::Result<String> {
     {
         match family {
             "optim" => crate::selftest_optim::optim_bench(device),
+            "flash attention" => crate::selftest_flash::flash_bench(device),
+            "fused norm/rope/glu" => crate::selftest_fused::fused_bench(device),
             other => Err(anyhow!("no kernel family {other:?}")),
         }
     }
@@ -903,8 +907,14 @@ pub fn run_selftest(spec: &SelftestSpec) -> anyhow::Result<SelftestReport> {
     record("gemma2-peft rsLoRA CE grads vs PEFT".into(), catch(&|| check_peft_grads(&models, "gemma2-peft", "gemma2", dev, false, false)));
     record("llama nf4 model on device vs CPU".into(), catch(&|| check_nf4_model(&models.join("llama"), dev)));
     #[cfg(feature = "cuda")]
-    for (name, res) in crate::selftest_optim::optim_checks(dev, &spec.fixtures) {
-        record(name, Ok(res));
+    {
+        let kernel_checks = crate::selftest_flash::flash_checks(dev)
+            .into_iter()
+            .chain(crate::selftest_fused::fused_checks(dev))
+            .chain(crate::selftest_optim::optim_checks(dev, &spec.fixtures));
+        for (name, res) in kernel_checks {
+            record(name, Ok(res));
+        }
     }
     Ok(SelftestReport { device, checks })
 }
