@@ -436,3 +436,26 @@ pub fn fused_bench(device: &Device) -> anyhow::Result<String> {
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The whole table on the first CUDA device, where there is one (skipped elsewhere).
+    #[test]
+    fn fused_checks_pass_on_a_gpu() {
+        let Ok(dev) = Device::new_cuda(0) else {
+            eprintln!("no CUDA device: skipped");
+            return;
+        };
+        let mut failed = Vec::new();
+        for (name, res) in fused_checks(&dev) {
+            match res {
+                Ok((true, detail)) => println!("PASS {name}: {detail}"),
+                Ok((false, detail)) => failed.push(format!("FAIL {name}: {detail}")),
+                Err(e) => failed.push(format!("FAIL {name}: error: {e:#}")),
+            }
+        }
+        assert!(failed.is_empty(), "{}", failed.join("\n"));
+    }
+}

@@ -454,3 +454,124 @@ fn glu_bwd_t<T: Elem>(dm: &Tensor, gate: &Tensor, up: &Tensor, act: Activation) 
     }
     Ok((into_tensor(dgate, dev, gate.shape().clone()), into_tensor(dup, dev, gate.shape().clone())))
 }
+
+#[cfg(test)]
+mod tests {
+    //! These run only where a CUDA device is present; elsewhere they report that they were
+    //! skipped by returning early. Each compares a kernel with the candle reference of
+    //! `ops` in f32 on the same device over the same values, with NaN-poisoned outputs.
+    //! (`qdistill selftest` runs the same comparisons at the model's full shapes.)
+    use super::*;
+    use crate::ops::activation::{glu_bwd_reference, glu_fwd_reference};
+    use crate::ops::rms_norm::{rms_norm_bwd_reference, rms_norm_fwd_reference};
+    use crate::ops::rope::{rope_bwd_reference, rope_fwd_reference};
+    use candle_core::Device;
+
+    /// The device, with the kernels' outputs poisoned from here on. Poisoning stays on for
+    /// the whole test process: tests run in parallel, so none may turn it off under another.
+    fn device() -> Option<Device> {
+        let dev = Device::new_cuda(0).ok()?;
+        poison_outputs(true);
+        Some(dev)
+    }
+
+    /// Normal values of `shape` in `dtype`, starting `offset` elements into their buffer.
+    fn randn(dev: &Device, shape: &[usize], dtype: DType, offset: usize) -> Tensor {
+        let n: usize = shape.iter().product();
+        let flat = Tensor::randn(0f32, 1.0, n + offset, dev).unwrap().to_dtype(dtype).unwrap();
+        flat.narrow(0, offset, n).unwrap().reshape(shape).unwrap()
+    }
+
+    fn up(t: &Tensor) -> Tensor {
+        t.to_dtype(DType::F32).unwrap()
+    }
+
+    /// Panics unless ‖got − want‖ / ‖want‖ <= tol with every element of `got` finite.
+    fn assert_rel(got: &Tensor, want: &Tensor, dtype: DType, what: &str) {
+        let tol = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
+        let g = up(got).flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let w = up(want).flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(g.len(), w.len(), "{what}: lengths differ");
+        if let Some(i) = g.iter().position(|v| !v.is_finite()) {
+            panic!("{what}: element {i} is {} (unwritten or overflowed)", g[i]);
+        }
+        let num: f64 = g.iter().zip(&w).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+        let den: f64 = w.iter().map(|b| (*b as f64).powi(2)).sum();
+        let err = (num / den).sqrt();
+        assert!(err <= tol, "{what}: relative error {err:.3e} above {tol:.0e}");
+    }
+
+    #[test]
+    fn rms_norm_matches_reference() {
+        let Some(dev) = device() else {
+            eprintln!("no CUDA device: skipped");
+            return;
+        };
+        for (dtype, dims, unit_offset, offset) in
+            [(DType::BF16, [7, 80], true, 0), (DType::BF16, [3, 7], false, 0), (DType::BF16, [5, 8200], false, 3), (DType::F32, [4, 4096], true, 1)]
+        {
+            let what = format!("{dtype:?} {dims:?} unit_offset={unit_offset} offset={offset}");
+            let x = randn(&dev, &dims, dtype, offset);
+            let w = randn(&dev, &dims[1..], dtype, 0);
+            let dy = randn(&dev, &dims, dtype, 0);
+            let (y, rstd) = rms_norm_fwd(&x, &w, 1e-6, unit_offset).unwrap();
+            let (y_ref, saved) = rms_norm_fwd_reference(&up(&x), &up(&w), 1e-6, unit_offset).unwrap();
+            assert_rel(&y, &y_ref, dtype, &format!("rms_norm y {what}"));
+            assert_rel(&rstd, &saved.rstd, DType::F32, &format!("rms_norm rstd {what}"));
+            let dx = rms_norm_bwd(&dy, &x, &w, &rstd, unit_offset).unwrap();
+            let dx_ref = rms_norm_bwd_reference(&up(&dy), &up(&w), unit_offset, &saved).unwrap();
+            assert_rel(&dx, &dx_ref, dtype, &format!("rms_norm dx {what}"));
+        }
+    }
+
+    #[test]
+    fn rope_matches_reference_in_both_layouts() {
+        let Some(dev) = device() else {
+            eprintln!("no CUDA device: skipped");
+            return;
+        };
+        for (dtype, (b, h, t, d), offset) in [(DType::BF16, (2, 3, 7, 64), 0), (DType::BF16, (1, 2, 5, 6), 1), (DType::F32, (2, 4, 9, 80), 2)] {
+            let table = RopeTable::new(d, 1e4, None, 32, &dev).unwrap();
+            let pos: Vec<u32> = (0..b * t).map(|i| ((i * 7) % 32) as u32).collect();
+            let pos = Tensor::from_vec(pos, (b, t), &dev).unwrap();
+            let what = format!("{dtype:?} [{b}, {h}, {t}, {d}] offset={offset}");
+            let x = randn(&dev, &[b, h, t, d], dtype, offset);
+            let y = rope(&x, &table, &pos, HeadLayout::Bhtd, HeadLayout::Bhtd, false).unwrap();
+            let y_ref = rope_fwd_reference(&up(&x), &table, &pos).unwrap();
+            assert_rel(&y, &y_ref, dtype, &format!("rope fwd {what}"));
+            let dx = rope(&x, &table, &pos, HeadLayout::Bhtd, HeadLayout::Bhtd, true).unwrap();
+            let dx_ref = rope_bwd_reference(&up(&x), &table, &pos).unwrap();
+            assert_rel(&dx, &dx_ref, dtype, &format!("rope bwd {what}"));
+            // [B, T, H, D] in, [B, H, T, D] out, and back.
+            let x_bthd = x.transpose(1, 2).unwrap().contiguous().unwrap();
+            let y_t = rope(&x_bthd, &table, &pos, HeadLayout::Bthd, HeadLayout::Bhtd, false).unwrap();
+            assert_rel(&y_t, &y_ref, dtype, &format!("rope fwd from [B, T, H, D] {what}"));
+            let dx_t = rope(&x, &table, &pos, HeadLayout::Bhtd, HeadLayout::Bthd, true).unwrap();
+            let dx_t_ref = dx_ref.transpose(1, 2).unwrap().contiguous().unwrap();
+            assert_rel(&dx_t, &dx_t_ref, dtype, &format!("rope bwd to [B, T, H, D] {what}"));
+        }
+    }
+
+    #[test]
+    fn glu_matches_reference() {
+        let Some(dev) = device() else {
+            eprintln!("no CUDA device: skipped");
+            return;
+        };
+        for act in [Activation::Silu, Activation::GeluTanh, Activation::Gelu] {
+            for (dtype, dims, offset) in [(DType::BF16, [7, 80], 0), (DType::BF16, [5, 77], 3), (DType::F32, [3, 1000], 1)] {
+                let what = format!("{act:?} {dtype:?} {dims:?} offset={offset}");
+                let gate = (randn(&dev, &dims, dtype, offset) * 3.0).unwrap();
+                let u = randn(&dev, &dims, dtype, 0);
+                let dm = randn(&dev, &dims, dtype, offset);
+                let m = glu_fwd(&gate, &u, act).unwrap();
+                let m_ref = glu_fwd_reference(&up(&gate), &up(&u), act).unwrap();
+                assert_rel(&m, &m_ref, dtype, &format!("glu m {what}"));
+                let (dg, du) = glu_bwd(&dm, &gate, &u, act).unwrap();
+                let (dg_ref, du_ref) = glu_bwd_reference(&up(&dm), &up(&gate), &up(&u), act).unwrap();
+                assert_rel(&dg, &dg_ref, dtype, &format!("glu dgate {what}"));
+                assert_rel(&du, &du_ref, dtype, &format!("glu dup {what}"));
+            }
+        }
+    }
+}
