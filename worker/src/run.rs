@@ -157,7 +157,12 @@ pub fn prepare(cfg: &TrainConfig) -> anyhow::Result<Prepared> {
             let spec = cfg.teacher.model_name_or_path.as_deref().unwrap_or(&cfg.model.model_name_or_path);
             let path = config::resolve_model_path(spec, None, None)?;
             tracing::info!(model = %path.display(), "loading teacher");
-            let t = models::load(&path, None, cfg.teacher.quantization == Quantization::Nf4, true, &device, dtype)?;
+            // One device handle per GPU: a second handle to the same card would be another
+            // stream, and every hidden state would be copied for nothing.
+            let teacher_device = if cfg.teacher_device == cfg.device { device.clone() } else { device_of(cfg.teacher_device)? };
+            tracing::info!(device = %cfg.teacher_device, "teacher device");
+            let mut t = models::load(&path, None, cfg.teacher.quantization == Quantization::Nf4, true, &teacher_device, dtype)?;
+            t.model.place_lm_head(&device)?;
             check_same_tokenizer(&t.tokenizer, &student.tokenizer).with_context(|| {
                 format!("teacher {} and student {} must share one tokenizer", path.display(), student_path.display())
             })?;

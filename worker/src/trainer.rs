@@ -91,6 +91,14 @@ impl LossSums {
 pub fn teacher_hidden(teacher: &Teacher, student: &Model, batch: &DeviceBatch) -> Result<Option<Tensor>> {
     let ctx = StepCtx { position_ids: &batch.position_ids, segment_ids: batch.segment_ids.as_ref(), lora: None, dropout_seed: None };
     Ok(match teacher {
+        Teacher::Model(m) if !m.device().same_device(batch.ids.device()) => {
+            // The teacher has its own GPU: its inputs go there, its hidden states come back.
+            let dev = m.device();
+            let (ids, pos) = (batch.ids.to_device(dev)?, batch.position_ids.to_device(dev)?);
+            let seg = batch.segment_ids.as_ref().map(|s| s.to_device(dev)).transpose()?;
+            let ctx = StepCtx { position_ids: &pos, segment_ids: seg.as_ref(), lora: None, dropout_seed: None };
+            Some(m.forward_hidden(&ids, &ctx)?.to_device(batch.ids.device())?)
+        }
         Teacher::Model(m) => Some(m.forward_hidden(&batch.ids, &ctx)?),
         Teacher::Lwf => Some(student.forward_hidden(&batch.ids, &ctx)?),
         Teacher::None => None,

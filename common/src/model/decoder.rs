@@ -245,6 +245,17 @@ impl Model {
     }
 
     /// The LM head weight [V, d] (the embedding when tied).
+    /// Keeps (a copy of) the LM head on `device`, for a teacher whose blocks run on another
+    /// GPU than the student: the teacher sends its final hidden states, and the student's
+    /// fused loss applies this head where the student lives. The blocks and the embedding
+    /// stay where they are; [`Model::logits`] then takes hidden states on `device`.
+    pub fn place_lm_head(&mut self, device: &Device) -> Result<()> {
+        if !self.lm_head().device().same_device(device) {
+            self.lm_head = Some(self.lm_head().to_device(device)?);
+        }
+        Ok(())
+    }
+
     pub fn lm_head(&self) -> &Tensor {
         self.lm_head.as_ref().unwrap_or(&self.embed)
     }
