@@ -267,15 +267,16 @@ fn write_json(path: &Path, v: &Value) -> Result<()> {
 // ---------------------------------------------------------------------------------------
 // safetensors I/O (f32 out; f32/f16/bf16 in)
 
-/// A tensor's bytes in the form the safetensors writer wants.
-struct F32Bytes {
-    shape: Vec<usize>,
-    bytes: Vec<u8>,
+/// A tensor's little-endian bytes in the form the safetensors writer wants.
+pub(crate) struct TensorBytes {
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub bytes: Vec<u8>,
 }
 
-impl View for &F32Bytes {
+impl View for &TensorBytes {
     fn dtype(&self) -> Dtype {
-        Dtype::F32
+        self.dtype
     }
     fn shape(&self) -> &[usize] {
         &self.shape
@@ -288,7 +289,7 @@ impl View for &F32Bytes {
     }
 }
 
-fn f32_bytes(name: &str, t: &Tensor) -> Result<F32Bytes> {
+fn f32_bytes(name: &str, t: &Tensor) -> Result<TensorBytes> {
     let shape = t.dims().to_vec();
     let values: Vec<f32> = t
         .to_dtype(DType::F32)
@@ -300,7 +301,7 @@ fn f32_bytes(name: &str, t: &Tensor) -> Result<F32Bytes> {
     for v in values {
         bytes.extend_from_slice(&v.to_le_bytes());
     }
-    Ok(F32Bytes { shape, bytes })
+    Ok(TensorBytes { dtype: Dtype::F32, shape, bytes })
 }
 
 /// Writes tensors as f32 safetensors. Names must be unique.
@@ -309,7 +310,7 @@ pub fn write_safetensors(
     tensors: &[(String, Tensor)],
     metadata: &HashMap<String, String>,
 ) -> Result<()> {
-    let mut data: Vec<(String, F32Bytes)> = Vec::with_capacity(tensors.len());
+    let mut data: Vec<(String, TensorBytes)> = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
         if data.iter().any(|(n, _)| n == name) {
             return Err(Error::Msg(format!(

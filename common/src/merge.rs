@@ -19,15 +19,14 @@
 //! An adapter trained on a depth-pruned student (`model.keep_layers`) names the student's
 //! layers 0..k; the merged model is that student: the kept layers of the base, renumbered.
 
-use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use safetensors::tensor::{Dtype, View};
+use safetensors::tensor::Dtype;
 use serde_json::{json, Value};
 
-use crate::checkpoint::{load_adapter, write_dir_atomically, ADAPTER_CONFIG_NAME};
+use crate::checkpoint::{load_adapter, write_dir_atomically, TensorBytes, ADAPTER_CONFIG_NAME};
 use crate::model::ModelConfig;
 use crate::nf4::Nf4Tensor;
 use crate::tokenizer::{tokenizer_from_gguf, TokenizerInfo};
@@ -170,26 +169,7 @@ pub fn trained_keep_layers(adapter_dir: &Path) -> Result<Option<Vec<usize>>> {
 }
 
 /// One output tensor, already in the output dtype.
-struct OutTensor {
-    dtype: Dtype,
-    shape: Vec<usize>,
-    bytes: Vec<u8>,
-}
-
-impl View for &OutTensor {
-    fn dtype(&self) -> Dtype {
-        self.dtype
-    }
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    fn data(&self) -> Cow<'_, [u8]> {
-        Cow::Borrowed(&self.bytes)
-    }
-    fn data_len(&self) -> usize {
-        self.bytes.len()
-    }
-}
+type OutTensor = TensorBytes;
 
 fn encode(values: &[f32], shape: Vec<usize>, dtype: MergeDtype) -> OutTensor {
     let mut bytes = Vec::with_capacity(values.len() * dtype.size());
