@@ -139,8 +139,14 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
+// *p += a, *(p + 1) += b, atomically; one vector reduction on sm_90 (p 8-byte aligned).
 __device__ __forceinline__ void red_add_v2(float* p, float a, float b) {
+#if __CUDA_ARCH__ >= 900
   asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(p), "f"(a), "f"(b) : "memory");
+#else
+  atomicAdd(p, a);
+  atomicAdd(p + 1, b);
+#endif
 }
 
 // Copies rows [row0, row0 + ROWS) of one head's [t, D] matrix `g` into shared rows of
