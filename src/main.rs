@@ -113,6 +113,13 @@ enum Command {
         /// This worker's device, overriding the config's (cpu, cuda:N).
         #[arg(long)]
         device: Option<String>,
+        /// Do not offer NCCL: teacher outputs and gradients go over the TCP collective even
+        /// when every peer is on a GPU.
+        #[arg(long)]
+        no_nccl: bool,
+        /// How many optimizer steps a teacher may compute ahead of its students.
+        #[arg(long, default_value_t = 2)]
+        teacher_lookahead_steps: u64,
     },
     /// Show a running job's progress.
     Status {
@@ -338,8 +345,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{outcome:#?}");
             Ok(())
         }
-        Command::Worker { coordinator, token, name, collective_listen, collective_advertise, device } => {
+        Command::Worker { coordinator, token, name, collective_listen, collective_advertise, device, no_nccl, teacher_lookahead_steps } => {
             let mut opts = qdistill_worker::cluster::WorkerOptions::new(coordinator, token);
+            opts.nccl = !no_nccl;
+            opts.teacher_lookahead_steps = teacher_lookahead_steps;
             opts.name = name;
             opts.collective_listen = collective_listen;
             opts.collective_advertise = collective_advertise;

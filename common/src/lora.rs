@@ -401,6 +401,13 @@ impl LoraGrads {
         Err(Error::Msg(format!("cannot keep LoRA gradients on {device:?}: this build has no CUDA support")))
     }
 
+    /// The device buffer, while the gradients live on a CUDA device (e.g. for an NCCL
+    /// all-reduce in place).
+    #[cfg(feature = "cuda")]
+    pub fn device_buffer_mut(&mut self) -> Option<&mut candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>> {
+        self.device.as_mut().map(|d| &mut d.flat)
+    }
+
     /// Sets every gradient to zero.
     pub fn zero(&mut self) -> Result<()> {
         #[cfg(feature = "cuda")]

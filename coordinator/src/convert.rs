@@ -22,7 +22,7 @@ pub fn registration(req: pb::RegisterRequest) -> Result<Registration, Refusal> {
     Ok(Registration {
         protocol_version: req.protocol_version,
         worker_name: req.worker_name,
-        resources: Resources { device_kind, device_count: r.device_count, device_memory_bytes: r.device_memory_bytes, cpu_cores: r.cpu_cores },
+        resources: Resources { device_kind, device_count: r.device_count, device_memory_bytes: r.device_memory_bytes, cpu_cores: r.cpu_cores, nccl: r.nccl },
         collective_addr: req.collective_addr,
         previous_session: (!req.previous_session_id.is_empty()).then_some(req.previous_session_id),
     })
@@ -37,6 +37,7 @@ pub fn resources(r: &Resources) -> pb::Resources {
         device_count: r.device_count,
         device_memory_bytes: r.device_memory_bytes,
         cpu_cores: r.cpu_cores,
+        nccl: r.nccl,
     }
 }
 
@@ -87,6 +88,7 @@ pub fn assignment(a: Assignment, config_toml: &str) -> pb::Assignment {
                 role_rank: p.role_rank as u32,
                 collective_addr: p.collective_addr.clone(),
                 worker_name: p.worker_name.clone(),
+                nccl: p.nccl,
             })
             .collect(),
         config_toml: config_toml.to_string(),
@@ -147,6 +149,7 @@ pub fn assignment_from(a: pb::Assignment) -> Result<(Assignment, String), String
                 role_rank: p.role_rank as usize,
                 collective_addr: p.collective_addr.clone(),
                 worker_name: p.worker_name.clone(),
+                nccl: p.nccl,
             })
         })
         .collect::<Result<_, String>>()?;
@@ -231,9 +234,9 @@ mod tests {
     fn assignments_survive_the_wire_and_bad_ones_are_refused() {
         let plan = ShardPlan::new(4, 2, 2, 1);
         let peers = vec![
-            Peer { rank: 0, role: Role::Teacher, role_rank: 0, collective_addr: "t:1".into(), worker_name: "t".into() },
-            Peer { rank: 1, role: Role::Student, role_rank: 0, collective_addr: "a:1".into(), worker_name: "a".into() },
-            Peer { rank: 2, role: Role::Student, role_rank: 1, collective_addr: "b:1".into(), worker_name: "b".into() },
+            Peer { rank: 0, role: Role::Teacher, role_rank: 0, collective_addr: "t:1".into(), worker_name: "t".into(), nccl: false },
+            Peer { rank: 1, role: Role::Student, role_rank: 0, collective_addr: "a:1".into(), worker_name: "a".into(), nccl: false },
+            Peer { rank: 2, role: Role::Student, role_rank: 1, collective_addr: "b:1".into(), worker_name: "b".into(), nccl: true },
         ];
         let a = Assignment { generation: 3, role: Role::Student, rank: 2, role_rank: 1, peers, start_step: 4, resume: true, total_steps: 9, save_steps: 2, plan };
         let (back, cfg) = assignment_from(assignment(a.clone(), "seed = 1")).unwrap();
@@ -259,7 +262,7 @@ mod tests {
         let ok = pb::RegisterRequest {
             protocol_version: qdistill_proto::PROTOCOL_VERSION,
             worker_name: "w".into(),
-            resources: Some(pb::Resources { device_kind: pb::DeviceKind::Cpu as i32, device_count: 1, device_memory_bytes: 1, cpu_cores: 1 }),
+            resources: Some(pb::Resources { device_kind: pb::DeviceKind::Cpu as i32, device_count: 1, device_memory_bytes: 1, cpu_cores: 1, nccl: false }),
             collective_addr: "x:1".into(),
             previous_session_id: String::new(),
         };

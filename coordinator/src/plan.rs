@@ -26,6 +26,8 @@ pub struct Resources {
     /// Memory of one device (host memory for CPU workers), bytes.
     pub device_memory_bytes: u64,
     pub cpu_cores: u32,
+    /// Can join NCCL communicators (a CUDA build on a CUDA device).
+    pub nccl: bool,
 }
 
 /// Whether the job's teacher runs on ranks of its own.
@@ -186,7 +188,7 @@ mod tests {
     use super::*;
 
     fn cpu(mem_gib: u64) -> Resources {
-        Resources { device_kind: DeviceKind::Cpu, device_count: 1, device_memory_bytes: mem_gib << 30, cpu_cores: 2 }
+        Resources { device_kind: DeviceKind::Cpu, device_count: 1, device_memory_bytes: mem_gib << 30, cpu_cores: 2, nccl: false }
     }
 
     #[test]

@@ -392,7 +392,32 @@ impl Coordinator for CoordinatorService {
         let st = self.shared.job().status(self.shared.now());
         Ok(Response::new(convert::status(st)))
     }
+
+    async fn exchange_nccl_id(&self, req: Request<pb::ExchangeNcclIdRequest>) -> Result<Response<pb::ExchangeNcclIdResponse>, Status> {
+        let req = req.into_inner();
+        let offer = (!req.offer.is_empty()).then_some(req.offer);
+        let offered = offer.is_some();
+        // Members usually ask before the root (which first makes the id) offers: hold the
+        // call open a little instead of making them poll fast.
+        let deadline = tokio::time::Instant::now() + NCCL_ID_WAIT;
+        loop {
+            let notified = self.shared.progress.notified();
+            let got = self.shared.job().exchange_nccl_id(&req.session_id, req.generation, &req.group, offer.clone()).map_err(refusal)?;
+            if let Some(unique_id) = got {
+                if offered {
+                    self.shared.progress.notify_waiters();
+                }
+                return Ok(Response::new(pb::ExchangeNcclIdResponse { unique_id }));
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Ok(Response::new(pb::ExchangeNcclIdResponse { unique_id: Vec::new() }));
+            }
+        }
+    }
 }
+
+/// How long ExchangeNcclId waits for the root's offer before answering "not yet".
+const NCCL_ID_WAIT: Duration = Duration::from_secs(10);
 
 fn read_full(r: &mut dyn std::io::Read, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut n = 0;

@@ -55,6 +55,8 @@ pub struct Peer {
     pub role_rank: usize,
     pub collective_addr: String,
     pub worker_name: String,
+    /// Can join NCCL communicators (see [`Assignment::nccl`]).
+    pub nccl: bool,
 }
 
 /// A worker's part in one generation.
@@ -72,6 +74,20 @@ pub struct Assignment {
     pub save_steps: u64,
     pub plan: ShardPlan,
 }
+
+impl Assignment {
+    /// Whether this generation moves teacher outputs and gradients over NCCL: only when
+    /// every peer can, so that all members decide the same.
+    pub fn nccl(&self) -> bool {
+        !self.peers.is_empty() && self.peers.iter().all(|p| p.nccl)
+    }
+}
+
+/// Names of the NCCL communicators a generation forms, and the rank that makes each id.
+pub const NCCL_GROUPS: &[&str] = &["world", "students"];
+
+/// Size of an `ncclUniqueId`.
+pub const NCCL_UNIQUE_ID_BYTES: usize = 128;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Phase {
@@ -215,6 +231,8 @@ pub struct Job {
     rolled_back: Vec<LedgerStep>,
     message: String,
     ended_generations: Vec<String>,
+    /// NCCL unique ids offered by the roots of the current generation's groups.
+    nccl_ids: BTreeMap<(u64, String), Vec<u8>>,
 }
 
 impl Job {
@@ -240,6 +258,7 @@ impl Job {
             ledger,
             rolled_back: Vec::new(),
             ended_generations: Vec::new(),
+            nccl_ids: BTreeMap::new(),
         };
         job.check_done();
         job
@@ -410,6 +429,7 @@ impl Job {
                 role_rank,
                 collective_addr: live[i].1.collective_addr.clone(),
                 worker_name: live[i].1.name.clone(),
+                nccl: live[i].1.resources.nccl,
             })
             .collect();
         let start_step = self.resume_step().unwrap_or(0);
@@ -496,6 +516,45 @@ impl Job {
         match self.members.get(id) {
             Some(a) if a.generation == generation => Ok(a),
             _ => Err(Refusal::StaleGeneration { got: generation, current: self.generation }),
+        }
+    }
+
+    /// The NCCL unique id of communicator `group` of `generation`. The group's root (rank 0
+    /// of "world", student rank 0 of "students") offers the id it made and gets it back;
+    /// the other members pass no offer and get the root's id, or `None` while it has not
+    /// come yet (they ask again). A new generation forms new communicators, so ids of
+    /// older generations are dropped once one of a newer generation arrives.
+    pub fn exchange_nccl_id(&mut self, id: &str, generation: u64, group: &str, offer: Option<Vec<u8>>) -> Result<Option<Vec<u8>>, Refusal> {
+        let a = self.member(id, generation)?;
+        let is_root = match group {
+            "world" => a.rank == 0,
+            "students" if a.role == Role::Student => a.role_rank == 0,
+            "students" => return Err(Refusal::Invalid(format!("rank {} is a teacher and not in the NCCL group \"students\"", a.rank))),
+            other => return Err(Refusal::Invalid(format!("no NCCL group {other:?} (groups: {})", NCCL_GROUPS.join(", ")))),
+        };
+        if !a.nccl() {
+            return Err(Refusal::Invalid(format!("generation {generation} does not use NCCL: not all of its peers can")));
+        }
+        let key = (generation, group.to_string());
+        match offer {
+            Some(bytes) => {
+                if !is_root {
+                    return Err(Refusal::Invalid(format!("rank {} offered an NCCL id for {group:?}, but only the group's root makes it", a.rank)));
+                }
+                if bytes.len() != NCCL_UNIQUE_ID_BYTES {
+                    return Err(Refusal::Invalid(format!("an NCCL unique id has {NCCL_UNIQUE_ID_BYTES} bytes, not {}", bytes.len())));
+                }
+                if let Some(known) = self.nccl_ids.get(&key) {
+                    if *known != bytes {
+                        return Err(Refusal::Invalid(format!("the NCCL id of {group:?} in generation {generation} was already offered, and differently")));
+                    }
+                }
+                self.nccl_ids.retain(|(g, _), _| *g >= generation);
+                self.nccl_ids.insert(key, bytes.clone());
+                Ok(Some(bytes))
+            }
+            None if is_root => Err(Refusal::Invalid(format!("rank {} is the root of {group:?} and must offer its NCCL id", a.rank))),
+            None => Ok(self.nccl_ids.get(&key).cloned()),
         }
     }
 
@@ -649,7 +708,7 @@ mod tests {
         Registration {
             protocol_version: qdistill_proto::PROTOCOL_VERSION,
             worker_name: name.into(),
-            resources: Resources { device_kind: DeviceKind::Cpu, device_count: 1, device_memory_bytes: mem, cpu_cores: 1 },
+            resources: Resources { device_kind: DeviceKind::Cpu, device_count: 1, device_memory_bytes: mem, cpu_cores: 1, nccl: false },
             collective_addr: format!("{name}:1"),
             previous_session: None,
         }
@@ -684,6 +743,53 @@ mod tests {
             [("a", 1), ("b", 9), ("c", 1)].iter().map(|(n, m)| job.register(reg(n, *m), 0).unwrap().session_id).collect();
         let asg: Vec<Assignment> = ids.iter().map(|id| assignment(&mut job, id, 10)).collect();
         (job, ids, asg)
+    }
+
+    #[test]
+    fn nccl_ids_go_from_each_groups_root_to_its_members_and_only_in_an_all_nccl_generation() {
+        // Mixed generation (one CPU worker): no NCCL, the TCP collective carries everything.
+        let (mut job, ids, asg) = formed();
+        assert!(!asg[0].nccl());
+        let e = job.exchange_nccl_id(&ids[1], 1, "world", Some(vec![7; NCCL_UNIQUE_ID_BYTES])).unwrap_err();
+        assert!(e.to_string().contains("does not use NCCL"), "{e}");
+
+        let mut job = Job::new(spec(3, TeacherPlacement::Ranks(1)), None, 0);
+        let ids: Vec<String> = [("a", 1), ("b", 9), ("c", 1)]
+            .iter()
+            .map(|(n, m)| {
+                let mut r = reg(n, *m);
+                r.resources.nccl = true;
+                job.register(r, 0).unwrap().session_id
+            })
+            .collect();
+        let asg: Vec<Assignment> = ids.iter().map(|id| assignment(&mut job, id, 10)).collect();
+        assert!(asg.iter().all(|a| a.nccl()));
+        // b is the teacher (rank 0): root of "world"; a is student rank 0: root of "students".
+        let (t, s0, s1) = (&ids[1], &ids[0], &ids[2]);
+        assert_eq!(job.exchange_nccl_id(s1, 1, "world", None).unwrap(), None, "asked before the root offered");
+        let world = vec![3u8; NCCL_UNIQUE_ID_BYTES];
+        assert_eq!(job.exchange_nccl_id(t, 1, "world", Some(world.clone())).unwrap(), Some(world.clone()));
+        assert_eq!(job.exchange_nccl_id(s1, 1, "world", None).unwrap(), Some(world.clone()));
+        assert_eq!(job.exchange_nccl_id(s0, 1, "world", None).unwrap(), Some(world.clone()));
+        // The students' communicator has its own id, from its own root.
+        assert_eq!(job.exchange_nccl_id(s1, 1, "students", None).unwrap(), None);
+        let studs = vec![5u8; NCCL_UNIQUE_ID_BYTES];
+        job.exchange_nccl_id(s0, 1, "students", Some(studs.clone())).unwrap();
+        assert_eq!(job.exchange_nccl_id(s1, 1, "students", None).unwrap(), Some(studs));
+        // Refusals that name what is wrong.
+        let cases: Vec<(&String, &str, Option<Vec<u8>>, &str)> = vec![
+            (s1, "world", Some(vec![1; NCCL_UNIQUE_ID_BYTES]), "only the group's root"),
+            (t, "world", Some(vec![9; NCCL_UNIQUE_ID_BYTES]), "already offered, and differently"),
+            (t, "world", None, "must offer"),
+            (t, "students", None, "is a teacher"),
+            (s0, "everyone", None, "no NCCL group \"everyone\""),
+            (s0, "students", Some(vec![5; 12]), "128 bytes, not 12"),
+        ];
+        for (who, group, offer, want) in cases {
+            let e = job.exchange_nccl_id(who, 1, group, offer).unwrap_err();
+            assert!(e.to_string().contains(want), "{group}: {e} (wanted {want:?})");
+        }
+        assert!(matches!(job.exchange_nccl_id(s0, 2, "world", None), Err(Refusal::StaleGeneration { .. })));
     }
 
     #[test]

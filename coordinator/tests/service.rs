@@ -60,7 +60,7 @@ fn register_req(name: &str, version: u32) -> pb::RegisterRequest {
     pb::RegisterRequest {
         protocol_version: version,
         worker_name: name.into(),
-        resources: Some(pb::Resources { device_kind: pb::DeviceKind::Cpu as i32, device_count: 1, device_memory_bytes: 1 << 30, cpu_cores: 2 }),
+        resources: Some(pb::Resources { device_kind: pb::DeviceKind::Cpu as i32, device_count: 1, device_memory_bytes: 1 << 30, cpu_cores: 2, nccl: false }),
         collective_addr: format!("127.0.0.1:1{name}"),
         previous_session_id: String::new(),
     }
@@ -357,4 +357,53 @@ async fn an_output_dir_with_checkpoints_needs_resume_to_be_asked_for() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let e = start(&config(out.path(), ""), 4, listener, ServeOptions { workers: 2, ..ServeOptions::default() }).await.err().unwrap().to_string();
     assert!(e.contains("token"), "{e}");
+}
+
+/// Over gRPC: members that ask for a communicator's NCCL id before its root offered it are
+/// held, then all get the root's bytes; one worker without NCCL keeps the generation on TCP.
+#[tokio::test]
+async fn nccl_ids_are_relayed_from_each_groups_root_to_the_waiting_members() {
+    let out = tempfile::tempdir().unwrap();
+    let c = coordinator(out.path(), 3, 4).await;
+    let mut cl = client(&c.url(), TOKEN).await;
+    let mut ids = Vec::new();
+    for n in ["0", "1", "2"] {
+        let mut r = register_req(n, PROTOCOL_VERSION);
+        r.resources.as_mut().unwrap().nccl = true;
+        ids.push(cl.raw().register(r).await.unwrap().into_inner().session_id);
+    }
+    let mut asg = Vec::new();
+    for id in &ids {
+        match cl.raw().get_work(pb::GetWorkRequest { session_id: id.clone() }).await.unwrap().into_inner().work {
+            Some(pb::get_work_response::Work::Assignment(a)) => {
+                assert!(a.peers.iter().all(|p| p.nccl), "every peer offered NCCL");
+                asg.push(qdistill_coordinator::convert::assignment_from(a).unwrap().0)
+            }
+            w => panic!("{w:?}"),
+        }
+    }
+    assert!(asg.iter().all(|a| a.nccl()));
+    let gen = asg[0].generation;
+    let root = asg.iter().position(|a| a.rank == 0).unwrap();
+    let req = |i: usize, offer: Vec<u8>| pb::ExchangeNcclIdRequest { session_id: ids[i].clone(), generation: gen, group: "world".into(), offer };
+    let waiting: Vec<_> = (0..3)
+        .filter(|&i| i != root)
+        .map(|i| {
+            let mut cl = cl.clone();
+            let r = req(i, Vec::new());
+            tokio::spawn(async move { cl.raw().exchange_nccl_id(r).await.unwrap().into_inner().unique_id })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(waiting.iter().all(|w| !w.is_finished()), "members are held until the root offers");
+    let id: Vec<u8> = (0..128u8).collect();
+    assert_eq!(cl.raw().exchange_nccl_id(req(root, id.clone())).await.unwrap().into_inner().unique_id, id);
+    for w in waiting {
+        assert_eq!(w.await.unwrap(), id);
+    }
+    // A malformed offer is refused with the reason, and the coordinator carries on.
+    let e = cl.raw().exchange_nccl_id(req(root, vec![1, 2, 3])).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("128 bytes, not 3"), "{}", e.message());
+    assert!(cl.job_status().await.is_ok());
 }

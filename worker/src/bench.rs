@@ -911,7 +911,8 @@ pub fn run_selftest(spec: &SelftestSpec) -> anyhow::Result<SelftestReport> {
         let kernel_checks = crate::selftest_flash::flash_checks(dev)
             .into_iter()
             .chain(crate::selftest_fused::fused_checks(dev))
-            .chain(crate::selftest_optim::optim_checks(dev, &spec.fixtures));
+            .chain(crate::selftest_optim::optim_checks(dev, &spec.fixtures))
+            .chain(crate::selftest_nccl::nccl_checks());
         for (name, res) in kernel_checks {
             record(name, Ok(res));
         }

@@ -8,6 +8,7 @@
 //! through the coordinator, so workers need no shared writable storage.
 
 mod ckpt;
+mod nccl;
 mod session;
 mod student;
 mod teacher;
@@ -49,6 +50,9 @@ pub struct WorkerOptions {
     pub collective_timeout: Duration,
     /// Teacher outputs a teacher may compute ahead of the students, in optimizer steps.
     pub teacher_lookahead_steps: u64,
+    /// Offer NCCL for teacher outputs and gradients (a CUDA build on a CUDA `device`); a
+    /// generation uses it only when every peer offers it.
+    pub nccl: bool,
 }
 
 impl WorkerOptions {
@@ -65,6 +69,7 @@ impl WorkerOptions {
             // ones; a generation that ends meanwhile cancels the wait.
             collective_timeout: Duration::from_secs(1800),
             teacher_lookahead_steps: 2,
+            nccl: true,
         }
     }
 }
@@ -174,7 +179,7 @@ pub fn detect_resources() -> Resources {
         .ok()
         .and_then(|t| t.lines().find(|l| l.starts_with("MemTotal:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
         .map_or(0, |kib| kib * 1024);
-    Resources { device_kind: DeviceKind::Cpu, device_count: 1, device_memory_bytes: mem, cpu_cores: cores }
+    Resources { device_kind: DeviceKind::Cpu, device_count: 1, device_memory_bytes: mem, cpu_cores: cores, nccl: false }
 }
 
 fn advertise_addr(listener: &TcpListener, opts: &WorkerOptions) -> anyhow::Result<String> {
@@ -207,7 +212,7 @@ pub fn run_worker(opts: WorkerOptions) -> anyhow::Result<WorkerExit> {
     let term = session::install_signal_flag(&rpc.rt);
     let name = opts.name.clone().unwrap_or_else(|| format!("{}:{}", hostname(), std::process::id()));
     let resources = match opts.device {
-        Some(config::Device::Cuda(_)) => Resources { device_kind: DeviceKind::Cuda, ..detect_resources() },
+        Some(config::Device::Cuda(_)) => Resources { device_kind: DeviceKind::Cuda, nccl: opts.nccl && cfg!(feature = "cuda"), ..detect_resources() },
         _ => detect_resources(),
     };
     let mut previous: Option<String> = None;

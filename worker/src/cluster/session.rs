@@ -69,6 +69,8 @@ pub(crate) struct Shared {
     /// SIGTERM or Ctrl-C arrived.
     pub term: Arc<AtomicBool>,
     abort: Mutex<Option<AbortHandle>>,
+    /// More ways to unblock the role (NCCL communicators), alongside `abort`.
+    more_aborts: Mutex<Vec<Box<dyn Fn() + Send + Sync>>>,
     message: Mutex<String>,
 }
 
@@ -90,12 +92,24 @@ impl Shared {
         }
         *Self::lock(&self.abort) = Some(h);
     }
+    /// Like [`Shared::set_abort`], for anything else the role may block on.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub fn add_abort(&self, f: impl Fn() + Send + Sync + 'static) {
+        if self.reregister.load(Ordering::SeqCst) || self.stop.load(Ordering::SeqCst) {
+            f();
+        }
+        Self::lock(&self.more_aborts).push(Box::new(f));
+    }
     pub fn clear_abort(&self) {
         *Self::lock(&self.abort) = None;
+        Self::lock(&self.more_aborts).clear();
     }
     fn abort_now(&self) {
         if let Some(h) = Self::lock(&self.abort).as_ref() {
             h.abort();
+        }
+        for f in Self::lock(&self.more_aborts).iter() {
+            f();
         }
     }
 }
@@ -178,6 +192,7 @@ impl Session {
             stop: AtomicBool::new(false),
             term,
             abort: Mutex::new(None),
+            more_aborts: Mutex::new(Vec::new()),
             message: Mutex::new(String::new()),
         });
         let heartbeat_interval = Duration::from_millis(r.heartbeat_interval_ms.max(10) as u64);

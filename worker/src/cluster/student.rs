@@ -15,7 +15,7 @@ use qdistill_coordinator::state::{Assignment, Role};
 use qdistill_proto::v1 as pb;
 use tonic::Code;
 
-use super::{ckpt, scheduler, wire, RoleCtx, RoleEnd, RoleError};
+use super::{ckpt, nccl, scheduler, wire, RoleCtx, RoleEnd, RoleError};
 use crate::models;
 use crate::run::{prepare, Prepared};
 use crate::trainer::{dropout_seed, teacher_hidden, DeviceBatch, LossSums, Teacher};
@@ -74,6 +74,11 @@ pub(crate) fn run(ctx: &RoleCtx, a: &Assignment, cfg: &TrainConfig) -> Result<Ro
     let mesh = TcpCollective::connect_cancellable(a.rank, &addrs, ctx.listener, a.generation, ctx.opts.collective_timeout, &|| ctx.cancelled())
         .map_err(RoleError::lost)?;
     ctx.session.shared.set_abort(mesh.abort_handle());
+    let nccl = nccl::form(ctx, a, &device)?;
+    let teacher_width = match &teacher {
+        Teacher::Model(m) => m.cfg.hidden_size,
+        _ => 0,
+    };
     let students: Vec<usize> = a.peers.iter().filter(|p| p.role == Role::Student).map(|p| p.rank).collect();
     let group = SubGroup::new(&mesh, students)?;
     let my_shards = a.plan.shards_of(a.role_rank);
@@ -92,24 +97,37 @@ pub(crate) fn run(ctx: &RoleCtx, a: &Assignment, cfg: &TrainConfig) -> Result<Ro
         for (_, micros) in &my_shards {
             for &k in micros {
                 let db = DeviceBatch::new(&batches[k], &device)?;
-                let h_t = match a.plan.micros[k].teacher_rank {
-                    Some(tr) => {
+                let h_t = match (a.plan.micros[k].teacher_rank, &nccl) {
+                    // Over NCCL the shape is known on both sides: the batch's tokens × the
+                    // teacher's width.
+                    (Some(tr), Some(n)) => Some(n.recv_hidden(tr, &[db.ids.elem_count(), teacher_width], student.model.dtype())?),
+                    (Some(tr), None) => {
                         let bytes = mesh.recv(tr).map_err(RoleError::lost)?;
                         Some(wire::decode(&bytes, &device, student.model.dtype(), tr)?)
                     }
-                    None => teacher_hidden(&teacher, &student.model, &db)?,
+                    (None, _) => teacher_hidden(&teacher, &student.model, &db)?,
                 };
                 let s = student.micro_step(&db, &teacher, h_t.as_ref(), scale, dropout_seed(cfg.seed, step, k as u64))?;
                 sums.add(&s);
                 trained.push(step * g as u64 + k as u64);
                 sample_ids.extend_from_slice(&batches[k].sample_ids);
             }
-            partials.push(student.grads.take_host()?);
+            // Over TCP every virtual shard's partial sum is reduced on its own, in shard
+            // order, so the sum is the same bits for any number of students; NCCL sums
+            // the whole device buffer in its own order instead (no host copies).
+            if nccl.is_none() {
+                partials.push(student.grads.take_host()?);
+            }
         }
-        let parts: Vec<&[f32]> = partials.iter().map(|p| p.as_slice()).collect();
-        let mut reduced = vec![0.0; n_params];
-        ordered_all_reduce(&group, &parts, &mut reduced, CHAIN_CHUNK).map_err(RoleError::lost)?;
-        student.grads.set_host(reduced)?;
+        match &nccl {
+            Some(n) => n.all_reduce_grads(&mut student.grads)?,
+            None => {
+                let parts: Vec<&[f32]> = partials.iter().map(|p| p.as_slice()).collect();
+                let mut reduced = vec![0.0; n_params];
+                ordered_all_reduce(&group, &parts, &mut reduced, CHAIN_CHUNK).map_err(RoleError::lost)?;
+                student.grads.set_host(reduced)?;
+            }
+        }
         let lr = lr_at(scheduler(t.lr_scheduler_type), t.learning_rate, step, warmup, total);
         let grad_norm = student.optimizer_step(lr, t.max_grad_norm)?;
         for &tr in &my_teachers {

@@ -12,7 +12,7 @@ use qdistill_common::config::{self, Quantization, TeacherMode, TrainConfig};
 use qdistill_common::tokenizer::check_same_tokenizer;
 use qdistill_coordinator::state::{Assignment, Role};
 
-use super::{device_of, dtype_of, wire, RoleCtx, RoleEnd, RoleError};
+use super::{device_of, dtype_of, nccl, wire, RoleCtx, RoleEnd, RoleError};
 use crate::data_plan;
 use crate::models;
 use crate::trainer::{teacher_hidden, DeviceBatch, Teacher};
@@ -47,6 +47,7 @@ pub(crate) fn run(ctx: &RoleCtx, a: &Assignment, cfg: &TrainConfig) -> Result<Ro
     let mesh = TcpCollective::connect_cancellable(a.rank, &addrs, ctx.listener, a.generation, ctx.opts.collective_timeout, &|| ctx.cancelled())
         .map_err(RoleError::lost)?;
     ctx.session.shared.set_abort(mesh.abort_handle());
+    let nccl = nccl::form(ctx, a, &device)?;
     let student_rank_of: Vec<usize> = {
         let mut v: Vec<(usize, usize)> = a.peers.iter().filter(|p| p.role == Role::Student).map(|p| (p.role_rank, p.rank)).collect();
         v.sort_unstable();
@@ -88,7 +89,10 @@ pub(crate) fn run(ctx: &RoleCtx, a: &Assignment, cfg: &TrainConfig) -> Result<Ro
         for &(k, to) in &mine {
             let db = DeviceBatch::new(&batches[k], &device)?;
             let h = teacher_hidden(&teacher, model, &db)?.expect("a teacher model always gives hidden states");
-            mesh.send(to, &wire::encode(&h)?).map_err(RoleError::lost)?;
+            match &nccl {
+                Some(n) => n.send_hidden(to, &h)?,
+                None => mesh.send(to, &wire::encode(&h)?).map_err(RoleError::lost)?,
+            }
         }
         ctx.session.shared.step.store(step + 1, Ordering::SeqCst);
     }
