@@ -81,6 +81,8 @@ fn all_reduce_check(ranks: &[NcclCollective], devices: &[Device]) -> anyhow::Res
                     let got = dev.clone_dtoh(&buf)?;
                     let mut buf2 = dev.clone_htod(p)?;
                     dev.cuda_stream().synchronize()?;
+                    // Start the clock together on every rank, not when this rank's upload ended.
+                    c.barrier()?;
                     let t = Instant::now();
                     c.all_reduce_device(&mut buf2)?;
                     dev.cuda_stream().synchronize()?;

@@ -66,9 +66,13 @@ mod imp {
         }
         let n_students = a.peers.iter().filter(|p| p.role == Role::Student).count();
         let world = join(ctx, a, device, "world", a.rank, a.peers.len())?;
+        let generation = a.generation;
         ctx.session.shared.add_abort({
             let h = world.abort_handle();
-            move || h.abort()
+            move || {
+                tracing::warn!(generation, "generation over: aborting its NCCL communicators");
+                h.abort()
+            }
         });
         let students = if a.role == Role::Student {
             let c = join(ctx, a, device, "students", a.role_rank, n_students)?;

@@ -70,7 +70,7 @@ pub(crate) struct Shared {
     pub term: Arc<AtomicBool>,
     abort: Mutex<Option<AbortHandle>>,
     /// More ways to unblock the role (NCCL communicators), alongside `abort`.
-    more_aborts: Mutex<Vec<Box<dyn Fn() + Send + Sync>>>,
+    more_aborts: Mutex<Vec<Arc<dyn Fn() + Send + Sync>>>,
     message: Mutex<String>,
 }
 
@@ -98,7 +98,7 @@ impl Shared {
         if self.reregister.load(Ordering::SeqCst) || self.stop.load(Ordering::SeqCst) {
             f();
         }
-        Self::lock(&self.more_aborts).push(Box::new(f));
+        Self::lock(&self.more_aborts).push(Arc::new(f));
     }
     pub fn clear_abort(&self) {
         *Self::lock(&self.abort) = None;
@@ -108,8 +108,11 @@ impl Shared {
         if let Some(h) = Self::lock(&self.abort).as_ref() {
             h.abort();
         }
+        // Each on a thread of its own: aborting one NCCL communicator can wait for the
+        // device, which another communicator's hung kernel keeps busy until it is aborted.
         for f in Self::lock(&self.more_aborts).iter() {
-            f();
+            let f = f.clone();
+            std::thread::spawn(move || f());
         }
     }
 }
