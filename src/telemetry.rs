@@ -80,7 +80,9 @@ fn log_filter() -> EnvFilter {
 /// The subscriber's layers: stderr logs, plus the OTLP layer for the phase spans when
 /// `endpoint` is given.
 pub fn subscriber(endpoint: Option<&str>, service_name: &str) -> anyhow::Result<(impl tracing::Subscriber + Send + Sync, Option<Exporter>)> {
-    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(false).with_filter(log_filter());
+    // Colours only on a terminal: container logs and files get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi).with_target(false).with_filter(log_filter());
     let exporter = endpoint.map(|e| Exporter::new(e, service_name)).transpose()?;
     let traces = exporter.as_ref().map(|x| {
         tracing_opentelemetry::layer()
