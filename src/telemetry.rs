@@ -77,19 +77,24 @@ fn log_filter() -> EnvFilter {
     base.add_directive(format!("{PHASE_TARGET}=off").parse().expect("a static directive"))
 }
 
-/// The subscriber's layers: stderr logs, plus the OTLP layer for the phase spans when
-/// `endpoint` is given.
-pub fn subscriber(endpoint: Option<&str>, service_name: &str) -> anyhow::Result<(impl tracing::Subscriber + Send + Sync, Option<Exporter>)> {
+/// The subscriber: stderr logs, plus the OTLP layer for the phase spans when `endpoint`
+/// is given. Without it the subscriber has no second layer at all: an absent (`None`)
+/// layer would declare interest in every call site and so keep the phase spans alive.
+pub fn subscriber(endpoint: Option<&str>, service_name: &str) -> anyhow::Result<(Box<dyn tracing::Subscriber + Send + Sync>, Option<Exporter>)> {
     // Colours only on a terminal: container logs and files get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi).with_target(false).with_filter(log_filter());
     let exporter = endpoint.map(|e| Exporter::new(e, service_name)).transpose()?;
-    let traces = exporter.as_ref().map(|x| {
-        tracing_opentelemetry::layer()
-            .with_tracer(x.provider.tracer("qdistill"))
-            .with_filter(Targets::new().with_target(PHASE_TARGET, tracing::Level::INFO))
-    });
-    Ok((Registry::default().with(logs).with(traces), exporter))
+    let subscriber: Box<dyn tracing::Subscriber + Send + Sync> = match &exporter {
+        Some(x) => {
+            let traces = tracing_opentelemetry::layer()
+                .with_tracer(x.provider.tracer("qdistill"))
+                .with_filter(Targets::new().with_target(PHASE_TARGET, tracing::Level::INFO));
+            Box::new(Registry::default().with(logs).with(traces))
+        }
+        None => Box::new(Registry::default().with(logs)),
+    };
+    Ok((subscriber, exporter))
 }
 
 /// Installs the process's subscriber; keep the returned exporter alive until exit.
