@@ -414,3 +414,46 @@ fn an_embedded_run_exports_phase_spans_only_when_the_endpoint_is_set() {
     let want = set(&["step", "data", "teacher_forward", "student_forward_backward", "optimizer", "checkpoint"]);
     assert!(want.is_subset(&names), "phase spans of the embedded run: {names:?}, want {want:?}");
 }
+
+/// Kubernetes stops a pod with SIGTERM: the coordinator then asks student rank 0 for a
+/// checkpoint of the step in progress, waits until it is stored, and exits cleanly, so
+/// that a restart loses no committed step. The save interval is set past the end of the
+/// job, so any checkpoint found was made for the signal.
+#[test]
+fn sigterm_makes_the_coordinator_store_a_checkpoint_of_the_step_in_progress_then_exit() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_job(dir.path());
+    let total = 400;
+    let mut coord = Proc::spawn(
+        "coordinator",
+        &[
+            "coordinator", config.to_str().unwrap(), "--listen", "127.0.0.1:0", "--workers", "3", "--teacher-ranks", "1",
+            "--set", &format!("max_steps={total}"), "--set", "save_steps=1000",
+            "--heartbeat", "0.2", "--metrics-addr", "127.0.0.1:0", "--drain-timeout", "60",
+        ],
+        &[],
+    );
+    let metrics_addr = coord.wait_for_addr("serving Prometheus metrics", Duration::from_secs(60));
+    let url = format!("http://{}", coord.wait_for_addr("coordinator listening", Duration::from_secs(60)));
+    let _workers: Vec<Proc> = (0..3).map(|i| Proc::spawn(&format!("w{i}"), &["worker", "--coordinator", &url], &[])).collect();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let at_signal = loop {
+        let step = scrape(&metrics_addr).map_or(0.0, |s| samples(&s, "qdistill_step")[""]);
+        if step >= 3.0 {
+            break step as u64;
+        }
+        assert!(Instant::now() < deadline, "no progress:\n{}", coord.log());
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(unsafe { libc::kill(coord.child.id() as i32, libc::SIGTERM) }, 0);
+    let status = coord.wait(Duration::from_secs(90));
+    assert!(status.success(), "coordinator exited with {status}:\n{}", coord.log());
+    let stored: Vec<u64> = std::fs::read_dir(dir.path().join("out"))
+        .unwrap()
+        .filter_map(|e| e.unwrap().file_name().to_str()?.strip_prefix("checkpoint-")?.parse().ok())
+        .collect();
+    assert_eq!(stored.len(), 1, "one checkpoint, made on the signal: {stored:?}\n{}", coord.log());
+    assert!(stored[0] > at_signal && stored[0] < total, "checkpoint-{} after step {at_signal} of {total}", stored[0]);
+    assert!(coord.log().contains(&format!("checkpoint-{} stored", stored[0])), "{}", coord.log());
+}
