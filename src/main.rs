@@ -9,6 +9,19 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use qdistill_worker::bench;
 
+mod telemetry;
+
+/// Set to 1, the command line is parsed and checked, and nothing runs (exit status 0 when
+/// it parses). The deployment tests check the manifests' command lines this way.
+const PARSE_ONLY_VAR: &str = "QDISTILL_PARSE_ONLY";
+/// Exit status of a worker that left on SIGTERM: 128 + 15, as a shell reports a process
+/// killed by it, so that a Kubernetes Job replaces the pod (exit 0 would mark its index
+/// complete).
+const EXIT_TERMINATED: u8 = 143;
+/// Kubernetes deployments pass the token from a Secret, which may have been left empty.
+const EMPTY_TOKEN: &str = "the job token (--token / QDISTILL_TOKEN) is empty; set one shared by the coordinator and \
+                           its workers, e.g. `openssl rand -hex 16` (on Kubernetes: deploy/base/token.env, see README.md)";
+
 #[derive(Parser)]
 #[command(
     name = "qdistill",
@@ -44,6 +57,9 @@ enum Command {
         /// `teacher_device` can put a separate teacher on another GPU).
         #[arg(long)]
         device: Option<String>,
+        /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 0.0.0.0:9090).
+        #[arg(long, value_name = "ADDR")]
+        metrics_addr: Option<String>,
     },
     /// Show what a job's data becomes: sample and token counts, the masked share, the
     /// rehearsal mix and the number of optimizer steps; with `--dump`, write every
@@ -93,6 +109,13 @@ enum Command {
         /// The job's shared secret (a fresh one is generated and printed when absent).
         #[arg(long, env = "QDISTILL_TOKEN", hide_env_values = true)]
         token: Option<String>,
+        /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 0.0.0.0:9090).
+        #[arg(long, value_name = "ADDR")]
+        metrics_addr: Option<String>,
+        /// On SIGTERM, seconds to wait for a checkpoint of the step in progress before
+        /// stopping (0: stop at once).
+        #[arg(long, default_value_t = 60.0)]
+        drain_timeout: f64,
     },
     /// Run a cluster worker: registers with the coordinator and takes the role it is given.
     Worker {
@@ -120,6 +143,9 @@ enum Command {
         /// How many optimizer steps a teacher may compute ahead of its students.
         #[arg(long, default_value_t = 2)]
         teacher_lookahead_steps: u64,
+        /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 0.0.0.0:9090).
+        #[arg(long, value_name = "ADDR")]
+        metrics_addr: Option<String>,
     },
     /// Show a running job's progress.
     Status {
@@ -285,25 +311,68 @@ impl ModelOpts {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
-    match run(Cli::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
+    let cli = Cli::parse();
+    if std::env::var(PARSE_ONLY_VAR).is_ok_and(|v| v == "1") {
+        return ExitCode::SUCCESS;
+    }
+    let service = match &cli.command {
+        Command::Coordinator { .. } => "qdistill-coordinator",
+        Command::Worker { .. } => "qdistill-worker",
+        _ => "qdistill",
+    };
+    let exporter = match telemetry::init(service) {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = match run(cli) {
+        Ok(Exit::Success) => ExitCode::SUCCESS,
+        Ok(Exit::Terminated) => ExitCode::from(EXIT_TERMINATED),
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    };
+    // Flushes the spans not exported yet.
+    drop(exporter);
+    code
+}
+
+enum Exit {
+    Success,
+    /// Left on a signal, before the job was over.
+    Terminated,
+}
+
+fn serve_metrics(addr: Option<String>, role: &str) -> anyhow::Result<Option<qdistill_coordinator::metrics::MetricsServer>> {
+    addr.map(|a| qdistill_worker::metrics::serve(&a, role).with_context(|| format!("--metrics-addr {a}"))).transpose()
+}
+
+fn run(cli: Cli) -> anyhow::Result<Exit> {
+    run_command(cli).map(|()| Exit::Success).or_else(|e| match e.downcast::<WorkerTerminated>() {
+        Ok(WorkerTerminated) => Ok(Exit::Terminated),
+        Err(e) => Err(e),
+    })
+}
+
+/// How the worker command reports a SIGTERM exit through `run_command`'s `()` result.
+#[derive(Debug)]
+struct WorkerTerminated;
+
+impl std::fmt::Display for WorkerTerminated {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("terminated by a signal")
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+impl std::error::Error for WorkerTerminated {}
+
+fn run_command(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Train { config, mut overrides, no_progress, device } => {
+        Command::Train { config, mut overrides, no_progress, device, metrics_addr } => {
+            let _metrics = serve_metrics(metrics_addr, "train")?;
             if let Some(d) = device {
                 overrides.push(format!("device={d}"));
             }
@@ -324,7 +393,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             heartbeat,
             max_generations,
             token,
+            metrics_addr,
+            drain_timeout,
         } => {
+            anyhow::ensure!(!token.as_deref().is_some_and(|t| t.trim().is_empty()), "{EMPTY_TOKEN}");
             let token = token.unwrap_or_else(|| {
                 let t = qdistill_coordinator::generate_token();
                 eprintln!("job token (pass it to workers as --token or QDISTILL_TOKEN): {t}");
@@ -340,12 +412,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 heartbeat_interval: Duration::from_secs_f64(heartbeat),
                 reform_grace: None,
                 max_generations,
+                metrics_addr,
+                drain_timeout: Duration::from_secs_f64(drain_timeout),
             };
             let outcome = qdistill_worker::cluster::serve_coordinator(&config, &overrides, &listen, opts)?;
             println!("{outcome:#?}");
             Ok(())
         }
-        Command::Worker { coordinator, token, name, collective_listen, collective_advertise, device, no_nccl, teacher_lookahead_steps } => {
+        Command::Worker { coordinator, token, name, collective_listen, collective_advertise, device, no_nccl, teacher_lookahead_steps, metrics_addr } => {
+            anyhow::ensure!(!token.trim().is_empty(), "{EMPTY_TOKEN}");
+            let _metrics = serve_metrics(metrics_addr, "worker")?;
             let mut opts = qdistill_worker::cluster::WorkerOptions::new(coordinator, token);
             opts.nccl = !no_nccl;
             opts.teacher_lookahead_steps = teacher_lookahead_steps;
@@ -357,6 +433,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .transpose()?;
             let exit = qdistill_worker::cluster::run_worker(opts)?;
             println!("{exit:?}");
+            if exit == qdistill_worker::cluster::WorkerExit::Terminated {
+                return Err(WorkerTerminated.into());
+            }
             Ok(())
         }
         Command::Status { coordinator, token } => {

@@ -4,6 +4,7 @@
 
 pub mod client;
 pub mod convert;
+pub mod metrics;
 pub mod plan;
 pub mod service;
 pub mod state;

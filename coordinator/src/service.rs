@@ -1,10 +1,11 @@
 //! The gRPC service `distill.v1.Coordinator` over [`Job`] and a [`CheckpointStore`],
 //! plus grpc.health.v1, and the functions that start and run it.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -18,6 +19,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::convert;
+use crate::metrics::{JobCollector, JobSnapshot, MetricsServer};
 use crate::plan::TeacherPlacement;
 use crate::state::{HeartbeatAction, Job, JobSpec, LedgerStep, Phase, Refusal, StepRecord};
 use crate::store::{CheckpointStore, FileDigest, LocalDirStore, StoreError};
@@ -51,6 +53,11 @@ pub struct ServeOptions {
     /// lease).
     pub reform_grace: Option<Duration>,
     pub max_generations: u64,
+    /// Where to serve Prometheus metrics (`host:port`, path /metrics); None: nowhere.
+    pub metrics_addr: Option<String>,
+    /// On SIGTERM, how long [`serve`] waits for student rank 0 to upload a checkpoint of
+    /// the step in progress before it stops (zero: stop at once).
+    pub drain_timeout: Duration,
 }
 
 impl Default for ServeOptions {
@@ -65,6 +72,8 @@ impl Default for ServeOptions {
             heartbeat_interval: Duration::from_secs(5),
             reform_grace: None,
             max_generations: 100,
+            metrics_addr: None,
+            drain_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -125,11 +134,57 @@ struct Shared {
     /// Two students may upload the same step (a save point and a shutdown); publishing
     /// one at a time keeps the replace-by-rename of the store simple.
     publish: Mutex<()>,
+    /// Set on SIGTERM: the next step commit asks student rank 0 for a checkpoint.
+    draining: AtomicBool,
+    /// When recent steps became committed, and their target tokens (for tokens/s).
+    recent_commits: Mutex<VecDeque<(Instant, u64)>>,
+    /// ce_weight and kd_weight·T², to report the loss as the single-process run logs it.
+    loss_weights: (f64, f64),
 }
 
 impl Shared {
     fn now(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
+    }
+    /// What the Prometheus metrics report now.
+    fn snapshot(&self) -> JobSnapshot {
+        let now = self.now();
+        let job = self.job();
+        let st = job.status(now);
+        let last = job.ledger().last().map(|l| {
+            let (ce, kd, tokens) = l.ranks.iter().fold((0.0, 0.0, 0u64), |(c, k, t), r| (c + r.ce_sum, k + r.kd_sum, t + r.target_tokens));
+            let t = tokens.max(1) as f64;
+            (ce / t, kd / t)
+        });
+        let samples_done = job.ledger().iter().chain(job.rolled_back()).flat_map(|l| &l.ranks).map(|r| r.sample_ids.len() as u64).sum();
+        drop(job);
+        let (ce_w, kd_w) = self.loss_weights;
+        let tokens_per_second = {
+            let recent = self.recent_commits.lock().unwrap_or_else(|p| p.into_inner());
+            // The first entry only marks when the window starts: its tokens were trained
+            // before it.
+            match (recent.front(), recent.back()) {
+                (Some(&(t0, _)), Some(&(t1, _))) if t1 > t0 => {
+                    Some(recent.iter().skip(1).map(|&(_, n)| n).sum::<u64>() as f64 / (t1 - t0).as_secs_f64())
+                }
+                _ => None,
+            }
+        };
+        let checkpoint_age_seconds = st.last_checkpoint.and_then(|s| {
+            let modified = std::fs::metadata(qdistill_common::checkpoint::checkpoint_dir(&self.output_dir, s)).ok()?.modified().ok()?;
+            Some(modified.elapsed().map_or(0.0, |d| d.as_secs_f64()))
+        });
+        JobSnapshot {
+            committed_steps: st.committed_steps,
+            total_steps: st.total_steps,
+            generation: st.generation,
+            workers_alive: st.workers.len(),
+            loss: last.map(|(ce, kd)| ce_w * ce + kd_w * kd),
+            kd_loss: last.map(|(_, kd)| kd),
+            tokens_per_second,
+            samples_done,
+            checkpoint_age_seconds,
+        }
     }
     fn job(&self) -> MutexGuard<'_, Job> {
         // A panic while holding the lock leaves the job as it was at the last completed
@@ -269,11 +324,27 @@ impl Coordinator for CoordinatorService {
             grad_norm: req.grad_norm,
             learning_rate: req.learning_rate,
         };
-        let ack = self.shared.job().step_commit(&req.session_id, req.generation, req.step, rec, now).map_err(refusal)?;
+        let (ack, newly_committed) = {
+            let mut job = self.shared.job();
+            let before = job.ledger().len();
+            let ack = job.step_commit(&req.session_id, req.generation, req.step, rec, now).map_err(refusal)?;
+            let tokens: u64 = job.ledger()[before.min(job.ledger().len())..].iter().flat_map(|l| &l.ranks).map(|r| r.target_tokens).sum();
+            (ack, (job.ledger().len() > before).then_some(tokens))
+        };
+        if let Some(tokens) = newly_committed {
+            let mut recent = self.shared.recent_commits.lock().unwrap_or_else(|p| p.into_inner());
+            recent.push_back((Instant::now(), tokens));
+            // Long enough to smooth one slow step, short enough to follow a change of pace.
+            while recent.len() > 9 {
+                recent.pop_front();
+            }
+        }
         self.shared.progress.notify_waiters();
+        // A draining coordinator wants the newest state on disk before it stops.
+        let drain = self.shared.draining.load(Ordering::SeqCst) && req.student_rank == 0;
         Ok(Response::new(pb::StepCommitResponse {
             committed: ack.committed,
-            checkpoint_requested: ack.checkpoint_requested,
+            checkpoint_requested: ack.checkpoint_requested || drain,
             action: pb::HeartbeatAction::Continue as i32,
         }))
     }
@@ -497,6 +568,9 @@ pub struct RunningCoordinator {
     addr: SocketAddr,
     shutdown: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Result<Outcome, CoordError>>,
+    shared: Arc<Shared>,
+    /// Serves until the coordinator is dropped.
+    metrics: Option<MetricsServer>,
 }
 
 impl RunningCoordinator {
@@ -506,6 +580,23 @@ impl RunningCoordinator {
     /// The URL workers connect to.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+    /// Where the Prometheus metrics are served, when they are.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(|m| m.local_addr())
+    }
+    /// The numbers the metrics endpoint reports.
+    pub fn snapshot(&self) -> JobSnapshot {
+        self.shared.snapshot()
+    }
+    /// Asks student rank 0 to upload a checkpoint after the step in progress and waits,
+    /// at most `timeout`, until one newer than the last committed step is stored. Returns
+    /// its step, or None when no generation is running or none arrived in time. Steps
+    /// committed since the last save point would otherwise be trained again after a
+    /// restart.
+    pub fn drain(&self, timeout: Duration) -> impl std::future::Future<Output = Option<u64>> + Send + 'static {
+        let shared = self.shared.clone();
+        async move { drain(&shared, timeout).await }
     }
     /// Stops serving now, whatever the job's state.
     pub fn shutdown(&mut self) {
@@ -517,6 +608,34 @@ impl RunningCoordinator {
     /// or until [`Self::shutdown`].
     pub async fn wait(self) -> Result<Outcome, CoordError> {
         self.task.await.map_err(|e| CoordError::Config(format!("coordinator task: {e}")))?
+    }
+}
+
+/// See [`RunningCoordinator::drain`].
+async fn drain(shared: &Shared, timeout: Duration) -> Option<u64> {
+    let from = {
+        let job = shared.job();
+        if job.phase() != &Phase::Running {
+            return None;
+        }
+        job.committed_steps()
+    };
+    shared.draining.store(true, Ordering::SeqCst);
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let notified = shared.progress.notified();
+        {
+            let job = shared.job();
+            if let Some(c) = job.status(shared.now()).last_checkpoint.filter(|&c| c > from) {
+                return Some(c);
+            }
+            if job.phase() != &Phase::Running {
+                return None;
+            }
+        }
+        if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            return None;
+        }
     }
 }
 
@@ -581,13 +700,26 @@ pub async fn start(cfg: &TrainConfig, total_steps: u64, listener: tokio::net::Tc
         save_total_limit: cfg.training.save_total_limit,
         output_dir: cfg.output_dir.clone(),
         publish: Mutex::new(()),
+        draining: AtomicBool::new(false),
+        recent_commits: Mutex::new(VecDeque::new()),
+        loss_weights: (cfg.distill.ce_weight, cfg.distill.kd_weight * cfg.distill.temperature.powi(2)),
     });
+    let metrics = match &opts.metrics_addr {
+        Some(addr) => {
+            let mut registry = prometheus_client::registry::Registry::default();
+            let source = shared.clone();
+            registry.register_collector(Box::new(JobCollector::new(move || source.snapshot())));
+            Some(MetricsServer::start(addr, registry)?)
+        }
+        None => None,
+    };
     let addr = listener.local_addr().map_err(|e| CoordError::Io { what: "listening socket".into(), source: e })?;
     let svc = CoordinatorServer::with_interceptor(CoordinatorService { shared: shared.clone() }, TokenCheck { token: Arc::new(opts.token.into_bytes()) });
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<CoordinatorServer<CoordinatorService>>().await;
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let watcher = shared.clone();
+    let watcher_shared = shared.clone();
     let task = tokio::spawn(async move {
         // Leases run out even when nobody calls, and a finished job lingers until every
         // worker heard that it is over (or could no longer be waiting for an answer).
@@ -648,7 +780,7 @@ pub async fn start(cfg: &TrainConfig, total_steps: u64, listener: tokio::net::Tc
         })
     });
     tracing::info!(%addr, "coordinator listening");
-    Ok(RunningCoordinator { addr, shutdown: Some(stop_tx), task })
+    Ok(RunningCoordinator { addr, shutdown: Some(stop_tx), task, shared: watcher_shared, metrics })
 }
 
 /// `qdistill coordinator`: serves `cfg`'s job on `addr` until it is over, or until Ctrl-C
@@ -661,11 +793,20 @@ pub fn serve(cfg: &TrainConfig, total_steps: u64, addr: &str, opts: ServeOptions
         .map_err(|e| CoordError::Io { what: "tokio runtime".into(), source: e })?;
     rt.block_on(async {
         let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| CoordError::Io { what: format!("binding {addr}"), source: e })?;
+        let drain_timeout = opts.drain_timeout;
         let mut running = start(cfg, total_steps, listener, opts).await?;
         let stop = running.shutdown.take();
+        let drain = running.drain(drain_timeout);
         let on_signal = tokio::spawn(async move {
             crate::shutdown_signal().await;
-            tracing::warn!("signal received; the coordinator stops (checkpoints are on disk; restart it with resume_from_checkpoint = true)");
+            if !drain_timeout.is_zero() {
+                tracing::warn!("signal received; asking for a checkpoint of the step in progress (at most {drain_timeout:?})");
+                match drain.await {
+                    Some(step) => tracing::info!("checkpoint-{step} stored"),
+                    None => tracing::warn!("no new checkpoint before stopping; a restart resumes from the last one"),
+                }
+            }
+            tracing::warn!("the coordinator stops (checkpoints are on disk; restart it with resume_from_checkpoint = true)");
             if let Some(tx) = stop {
                 let _ = tx.send(());
             }

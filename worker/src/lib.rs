@@ -6,6 +6,7 @@ pub mod cluster;
 pub mod data_plan;
 pub mod eval;
 pub mod generate;
+pub mod metrics;
 pub mod models;
 pub mod run;
 #[cfg(feature = "cuda")]

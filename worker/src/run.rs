@@ -25,6 +25,7 @@ use qdistill_common::tensorboard::EventWriter;
 use qdistill_common::tokenizer::check_same_tokenizer;
 
 use crate::data_plan::{self, DataPlan};
+use crate::metrics::{self, PHASE_TARGET};
 use crate::models;
 use crate::trainer::{dropout_seed, teacher_hidden, DeviceBatch, LossSums, Student, Teacher, Throughput};
 
@@ -292,25 +293,38 @@ pub fn train(config_path: &Path, overrides: &[String], progress: bool) -> anyhow
     let mut last_loss = f64::NAN;
     let mut target_tokens = 0usize;
     let mut tokens = 0usize;
+    metrics::get().inspect(|m| m.start_steps());
     for step in start_step..total_steps {
-        let micro: Vec<DeviceBatch> = (0..t.gradient_accumulation_steps)
-            .map(|_| DeviceBatch::new(&stream.next_batch(), &device))
-            .collect::<Result<_, _>>()?;
+        let _step_span = tracing::info_span!(target: PHASE_TARGET, "step", step = step + 1).entered();
+        let mut samples = 0;
+        let micro: Vec<DeviceBatch> = {
+            let _s = tracing::info_span!(target: PHASE_TARGET, "data").entered();
+            (0..t.gradient_accumulation_steps)
+                .map(|_| stream.next_batch())
+                .inspect(|b| samples += b.sample_ids.len() as u64)
+                .map(|b| DeviceBatch::new(&b, &device))
+                .collect::<Result<_, _>>()?
+        };
         let n_target: usize = micro.iter().map(|b| b.n_target).sum();
         let mut sums = LossSums::default();
         for (k, b) in micro.iter().enumerate() {
-            let h_t = teacher_hidden(&teacher, &student.model, b)?;
+            let h_t = tracing::info_span!(target: PHASE_TARGET, "teacher_forward").in_scope(|| teacher_hidden(&teacher, &student.model, b))?;
+            let _s = tracing::info_span!(target: PHASE_TARGET, "student_forward_backward").entered();
             let s = student.micro_step(b, &teacher, h_t.as_ref(), 1.0 / n_target.max(1) as f64, dropout_seed(cfg.seed, step as u64, k as u64))?;
             sums.add(&s);
         }
         let lr = lr_at(scheduler(t.lr_scheduler_type), t.learning_rate, step as u64, warmup as u64, total_steps as u64);
-        let grad_norm = student.optimizer_step(lr, t.max_grad_norm)?;
+        let grad_norm = tracing::info_span!(target: PHASE_TARGET, "optimizer").in_scope(|| student.optimizer_step(lr, t.max_grad_norm))?;
         let kd_term = student.loss.kd_weight * student.loss.temperature.powi(2) * sums.kd_mean();
         last_loss = student.loss.ce_weight * sums.ce_mean() + kd_term;
         target_tokens += sums.tokens;
         let step_tokens: usize = micro.iter().map(|b| b.n_tokens).sum();
         tokens += step_tokens;
         thr.add(step_tokens);
+        if let Some(m) = metrics::get() {
+            let r = metrics::StepReport { step: step as u64 + 1, loss: last_loss, kd_loss: sums.kd_mean(), tokens: step_tokens as u64, samples };
+            m.record_step(&r, &device);
+        }
         let epoch = stream.cursor().epoch as f64 + stream.cursor().index as f64 / n_train;
         let rec = serde_json::json!({
             "step": step + 1, "loss": last_loss, "ce": sums.ce_mean(), "kd": sums.kd_mean(),
@@ -347,7 +361,8 @@ pub fn train(config_path: &Path, overrides: &[String], progress: bool) -> anyhow
         }
         if t.save_steps > 0 && (step + 1) % t.save_steps == 0 && step + 1 < total_steps {
             let ckpt = Checkpoint { cfg: &cfg, adapter_cfg: &adapter_cfg, resolved: &resolved, total_steps };
-            let dir = ckpt.save(&student, step + 1, stream.cursor(), &log_history)?;
+            let dir = tracing::info_span!(target: PHASE_TARGET, "checkpoint").in_scope(|| ckpt.save(&student, step + 1, stream.cursor(), &log_history))?;
+            metrics::get().inspect(|m| m.record_checkpoint());
             bar.suspend(|| tracing::info!(dir = %dir.display(), "checkpoint saved"));
         }
     }

@@ -276,6 +276,7 @@ fn run_role(ctx: &RoleCtx, a: &Assignment, config_toml: &str) -> Result<RoleEnd,
         cfg.device = d;
     }
     tracing::info!(generation = a.generation, role = role_name(a.role), rank = a.rank, start_step = a.start_step, "running");
+    crate::metrics::get().inspect(|m| m.set_role(role_name(a.role), a.role_rank, a.generation));
     match a.role {
         Role::Student => student::run(ctx, a, &cfg),
         Role::Teacher => teacher::run(ctx, a, &cfg),

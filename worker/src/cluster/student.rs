@@ -16,6 +16,7 @@ use qdistill_proto::v1 as pb;
 use tonic::Code;
 
 use super::{ckpt, nccl, scheduler, wire, RoleCtx, RoleEnd, RoleError};
+use crate::metrics::{self, PHASE_TARGET};
 use crate::models;
 use crate::run::{prepare, Prepared};
 use crate::trainer::{dropout_seed, teacher_hidden, DeviceBatch, LossSums, Teacher};
@@ -84,29 +85,38 @@ pub(crate) fn run(ctx: &RoleCtx, a: &Assignment, cfg: &TrainConfig) -> Result<Ro
     let my_shards = a.plan.shards_of(a.role_rank);
     let my_teachers: BTreeSet<usize> = my_shards.iter().flat_map(|(_, ms)| ms.iter()).filter_map(|&k| a.plan.micros[k].teacher_rank).collect();
     let n_params = student.params.len();
+    metrics::get().inspect(|m| m.start_steps());
 
     for step in a.start_step..total {
         ctx.check()?;
-        let batches: Vec<_> = (0..g).map(|_| stream.next_batch()).collect();
+        let _step_span = tracing::info_span!(target: PHASE_TARGET, "step", step = step + 1, role = "student", rank = a.role_rank).entered();
+        let batches: Vec<_> = tracing::info_span!(target: PHASE_TARGET, "data").in_scope(|| (0..g).map(|_| stream.next_batch()).collect());
         let n_target: usize = batches.iter().map(|b| b.n_target_tokens).sum();
         let scale = 1.0 / n_target.max(1) as f64;
         let mut sums = LossSums::default();
         let mut partials: Vec<Vec<f32>> = Vec::with_capacity(my_shards.len());
         let mut trained = Vec::new();
         let mut sample_ids = Vec::new();
+        let mut step_tokens = 0;
         for (_, micros) in &my_shards {
             for &k in micros {
                 let db = DeviceBatch::new(&batches[k], &device)?;
+                step_tokens += db.n_tokens as u64;
                 let h_t = match (a.plan.micros[k].teacher_rank, &nccl) {
                     // Over NCCL the shape is known on both sides: the batch's tokens × the
                     // teacher's width.
-                    (Some(tr), Some(n)) => Some(n.recv_hidden(tr, &[db.ids.elem_count(), teacher_width], student.model.dtype())?),
+                    (Some(tr), Some(n)) => {
+                        let _s = tracing::info_span!(target: PHASE_TARGET, "transfer").entered();
+                        Some(n.recv_hidden(tr, &[db.ids.elem_count(), teacher_width], student.model.dtype())?)
+                    }
                     (Some(tr), None) => {
+                        let _s = tracing::info_span!(target: PHASE_TARGET, "transfer").entered();
                         let bytes = mesh.recv(tr).map_err(RoleError::lost)?;
                         Some(wire::decode(&bytes, &device, student.model.dtype(), tr)?)
                     }
-                    (None, _) => teacher_hidden(&teacher, &student.model, &db)?,
+                    (None, _) => tracing::info_span!(target: PHASE_TARGET, "teacher_forward").in_scope(|| teacher_hidden(&teacher, &student.model, &db))?,
                 };
+                let _s = tracing::info_span!(target: PHASE_TARGET, "student_forward_backward").entered();
                 let s = student.micro_step(&db, &teacher, h_t.as_ref(), scale, dropout_seed(cfg.seed, step, k as u64))?;
                 sums.add(&s);
                 trained.push(step * g as u64 + k as u64);
@@ -119,17 +129,20 @@ pub(crate) fn run(ctx: &RoleCtx, a: &Assignment, cfg: &TrainConfig) -> Result<Ro
                 partials.push(student.grads.take_host()?);
             }
         }
-        match &nccl {
-            Some(n) => n.all_reduce_grads(&mut student.grads)?,
-            None => {
-                let parts: Vec<&[f32]> = partials.iter().map(|p| p.as_slice()).collect();
-                let mut reduced = vec![0.0; n_params];
-                ordered_all_reduce(&group, &parts, &mut reduced, CHAIN_CHUNK).map_err(RoleError::lost)?;
-                student.grads.set_host(reduced)?;
+        {
+            let _s = tracing::info_span!(target: PHASE_TARGET, "allreduce").entered();
+            match &nccl {
+                Some(n) => n.all_reduce_grads(&mut student.grads)?,
+                None => {
+                    let parts: Vec<&[f32]> = partials.iter().map(|p| p.as_slice()).collect();
+                    let mut reduced = vec![0.0; n_params];
+                    ordered_all_reduce(&group, &parts, &mut reduced, CHAIN_CHUNK).map_err(RoleError::lost)?;
+                    student.grads.set_host(reduced)?;
+                }
             }
         }
         let lr = lr_at(scheduler(t.lr_scheduler_type), t.learning_rate, step, warmup, total);
-        let grad_norm = student.optimizer_step(lr, t.max_grad_norm)?;
+        let grad_norm = tracing::info_span!(target: PHASE_TARGET, "optimizer").in_scope(|| student.optimizer_step(lr, t.max_grad_norm))?;
         for &tr in &my_teachers {
             mesh.send(tr, CREDIT).map_err(RoleError::lost)?;
         }
@@ -156,17 +169,25 @@ pub(crate) fn run(ctx: &RoleCtx, a: &Assignment, cfg: &TrainConfig) -> Result<Ro
             Err(s) => return Err(RoleError::Fatal(ctx.rpc.error(s).context(format!("committing step {step}")))),
         };
         ctx.session.shared.step.store(step + 1, Ordering::SeqCst);
+        if let Some(m) = metrics::get() {
+            let l = &student.loss;
+            let loss = l.ce_weight * sums.ce_mean() + l.kd_weight * l.temperature.powi(2) * sums.kd_mean();
+            let r = metrics::StepReport { step: step + 1, loss, kd_loss: sums.kd_mean(), tokens: step_tokens, samples: req.sample_ids.len() as u64 };
+            m.record_step(&r, &device);
+        }
         if a.role_rank == 0 && step % t.logging_steps.max(1) as u64 == 0 {
             tracing::info!(step = step + 1, ce = sums.ce_mean(), kd = sums.kd_mean(), lr, grad_norm, "train (student rank 0's shard)");
         }
         let terminating = ctx.terminating();
         if ack.checkpoint_requested || terminating {
+            let _s = tracing::info_span!(target: PHASE_TARGET, "checkpoint").entered();
             let dir = tmp.path().join(format!("save-{}", step + 1));
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
             ckpt::save(&dir, &student, cfg, step + 1, total, stream.cursor())?;
             let bytes = ckpt::upload(ctx.rpc, &ctx.session.id, a.generation, step + 1, &dir)?;
             std::fs::remove_dir_all(&dir).ok();
             tracing::info!(bytes, "checkpoint-{} uploaded", step + 1);
+            metrics::get().inspect(|m| m.record_checkpoint());
         }
         if terminating {
             return Ok(RoleEnd::Terminated);

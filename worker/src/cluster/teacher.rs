@@ -14,6 +14,7 @@ use qdistill_coordinator::state::{Assignment, Role};
 
 use super::{device_of, dtype_of, nccl, wire, RoleCtx, RoleEnd, RoleError};
 use crate::data_plan;
+use crate::metrics::PHASE_TARGET;
 use crate::models;
 use crate::trainer::{teacher_hidden, DeviceBatch, Teacher};
 
@@ -85,10 +86,13 @@ pub(crate) fn run(ctx: &RoleCtx, a: &Assignment, cfg: &TrainConfig) -> Result<Ro
             take_credits(1)?;
             credited += 1;
         }
-        let batches: Vec<_> = (0..g).map(|_| stream.next_batch()).collect();
+        let _step_span = tracing::info_span!(target: PHASE_TARGET, "step", step = step + 1, role = "teacher", rank = a.rank).entered();
+        let batches: Vec<_> = tracing::info_span!(target: PHASE_TARGET, "data").in_scope(|| (0..g).map(|_| stream.next_batch()).collect());
         for &(k, to) in &mine {
             let db = DeviceBatch::new(&batches[k], &device)?;
-            let h = teacher_hidden(&teacher, model, &db)?.expect("a teacher model always gives hidden states");
+            let h = tracing::info_span!(target: PHASE_TARGET, "teacher_forward").in_scope(|| teacher_hidden(&teacher, model, &db))?;
+            let h = h.expect("a teacher model always gives hidden states");
+            let _s = tracing::info_span!(target: PHASE_TARGET, "transfer").entered();
             match &nccl {
                 Some(n) => n.send_hidden(to, &h)?,
                 None => mesh.send(to, &wire::encode(&h)?).map_err(RoleError::lost)?,
