@@ -91,16 +91,27 @@ enum Command {
         #[arg(long, default_value_t = 100)]
         max_generations: u64,
         /// The job's shared secret (a fresh one is generated and printed when absent).
+        /// A restarted coordinator needs the token its workers hold.
         #[arg(long, env = "QDISTILL_TOKEN", hide_env_values = true)]
         token: Option<String>,
+        /// Serve gRPC over TLS with this PEM certificate chain (workers then use https://
+        /// and --tls-ca).
+        #[arg(long, value_name = "PEM", requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The PEM private key of --tls-cert.
+        #[arg(long, value_name = "PEM", requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
     },
     /// Run a cluster worker: registers with the coordinator and takes the role it is given.
     Worker {
-        /// e.g. http://coordinator:50051
+        /// e.g. http://coordinator:50051 (https:// with --tls-ca)
         #[arg(long)]
         coordinator: String,
         #[arg(long, env = "QDISTILL_TOKEN", hide_env_values = true)]
         token: String,
+        /// PEM file of the CA that signed the coordinator's TLS certificate (https:// URLs).
+        #[arg(long, value_name = "PEM")]
+        tls_ca: Option<PathBuf>,
         /// Name in logs and status (default: host:pid).
         #[arg(long)]
         name: Option<String>,
@@ -120,6 +131,9 @@ enum Command {
         coordinator: String,
         #[arg(long, env = "QDISTILL_TOKEN", hide_env_values = true)]
         token: String,
+        /// PEM file of the CA that signed the coordinator's TLS certificate (https:// URLs).
+        #[arg(long, value_name = "PEM")]
+        tls_ca: Option<PathBuf>,
     },
     /// Check the training path on a device against the committed HF/PEFT fixtures (logits
     /// of every architecture, LoRA gradients, the NF4 kernel); prints a pass/fail table.
@@ -317,6 +331,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             heartbeat,
             max_generations,
             token,
+            tls_cert,
+            tls_key,
         } => {
             let token = token.unwrap_or_else(|| {
                 let t = qdistill_coordinator::generate_token();
@@ -333,13 +349,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 heartbeat_interval: Duration::from_secs_f64(heartbeat),
                 reform_grace: None,
                 max_generations,
+                tls: tls_cert.zip(tls_key).map(|(cert, key)| qdistill_coordinator::service::ServerTls { cert, key }),
             };
             let outcome = qdistill_worker::cluster::serve_coordinator(&config, &overrides, &listen, opts)?;
             println!("{outcome:#?}");
             Ok(())
         }
-        Command::Worker { coordinator, token, name, collective_listen, collective_advertise, device } => {
+        Command::Worker { coordinator, token, tls_ca, name, collective_listen, collective_advertise, device } => {
             let mut opts = qdistill_worker::cluster::WorkerOptions::new(coordinator, token);
+            opts.connect.tls_ca = tls_ca;
             opts.name = name;
             opts.collective_listen = collective_listen;
             opts.collective_advertise = collective_advertise;
@@ -350,8 +368,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{exit:?}");
             Ok(())
         }
-        Command::Status { coordinator, token } => {
-            println!("{}", qdistill_worker::cluster::status(&coordinator, &token)?);
+        Command::Status { coordinator, token, tls_ca } => {
+            let connect = qdistill_coordinator::client::ConnectOptions { attempts: 3, tls_ca, ..Default::default() };
+            println!("{}", qdistill_coordinator::client::status_with(&coordinator, &token, &connect)?);
             Ok(())
         }
         Command::Selftest { device, fixtures } => {
