@@ -827,7 +827,7 @@ fn a_worker_joins_over_tls_and_one_without_the_ca_is_refused() {
     assert!(e.contains(&coord.url) && e.contains("TLS handshake failed") && e.contains("certificate"), "{e}");
     let plain = coord.url.replace("https://", "http://");
     let e = refused(ConnectOptions::default(), &plain);
-    assert!(e.contains(&plain), "{e}");
+    assert!(e.contains(&plain) && e.contains("use an https:// URL"), "{e}");
     assert!(coord.status().workers.is_empty(), "a refused worker registered");
 
     let mut workers = vec![spawn_worker_with_ca(&coord.url, TOKEN, "w0", run.path(), Some(&pki.ca))];

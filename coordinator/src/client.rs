@@ -123,7 +123,13 @@ impl Client {
 
     /// Wraps a failed call into an error naming the coordinator.
     pub fn error(&self, s: Status) -> CoordError {
-        CoordError::Rpc { url: self.url.clone(), msg: format!("{}: {}", code_name(s.code()), s.message()) }
+        let mut msg = format!("{}: {}", code_name(s.code()), s.message());
+        // A TLS server answers a plaintext HTTP/2 preface with bytes that break the
+        // connection, which reaches the caller as nothing more than a protocol error.
+        if self.url.starts_with("http://") && s.message().contains("h2 protocol error") {
+            msg.push_str(" (if the coordinator serves TLS, use an https:// URL and --tls-ca)");
+        }
+        CoordError::Rpc { url: self.url.clone(), msg }
     }
 
     pub async fn job_status(&mut self) -> Result<pb::JobStatusResponse, CoordError> {
@@ -187,8 +193,12 @@ fn source_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
+        // Wrappers often repeat their source's text; say it once.
+        let text = c.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
         cur = c.source();
     }
     s
