@@ -107,6 +107,7 @@ enum Command {
         #[arg(long, default_value_t = 100)]
         max_generations: u64,
         /// The job's shared secret (a fresh one is generated and printed when absent).
+        /// A restarted coordinator needs the token its workers hold.
         #[arg(long, env = "QDISTILL_TOKEN", hide_env_values = true)]
         token: Option<String>,
         /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 0.0.0.0:9090).
@@ -116,14 +117,24 @@ enum Command {
         /// stopping (0: stop at once).
         #[arg(long, default_value_t = 60.0)]
         drain_timeout: f64,
+        /// Serve gRPC over TLS with this PEM certificate chain (workers then use https://
+        /// and --tls-ca).
+        #[arg(long, value_name = "PEM", requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The PEM private key of --tls-cert.
+        #[arg(long, value_name = "PEM", requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
     },
     /// Run a cluster worker: registers with the coordinator and takes the role it is given.
     Worker {
-        /// e.g. http://coordinator:50051
+        /// e.g. http://coordinator:50051 (https:// with --tls-ca)
         #[arg(long)]
         coordinator: String,
         #[arg(long, env = "QDISTILL_TOKEN", hide_env_values = true)]
         token: String,
+        /// PEM file of the CA that signed the coordinator's TLS certificate (https:// URLs).
+        #[arg(long, value_name = "PEM")]
+        tls_ca: Option<PathBuf>,
         /// Name in logs and status (default: host:pid).
         #[arg(long)]
         name: Option<String>,
@@ -153,6 +164,9 @@ enum Command {
         coordinator: String,
         #[arg(long, env = "QDISTILL_TOKEN", hide_env_values = true)]
         token: String,
+        /// PEM file of the CA that signed the coordinator's TLS certificate (https:// URLs).
+        #[arg(long, value_name = "PEM")]
+        tls_ca: Option<PathBuf>,
     },
     /// Check the training path on a device against the committed HF/PEFT fixtures (logits
     /// of every architecture, LoRA gradients, the NF4 kernel); prints a pass/fail table.
@@ -395,6 +409,8 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
             token,
             metrics_addr,
             drain_timeout,
+            tls_cert,
+            tls_key,
         } => {
             anyhow::ensure!(!token.as_deref().is_some_and(|t| t.trim().is_empty()), "{EMPTY_TOKEN}");
             let token = token.unwrap_or_else(|| {
@@ -414,15 +430,17 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
                 max_generations,
                 metrics_addr,
                 drain_timeout: Duration::from_secs_f64(drain_timeout),
+                tls: tls_cert.zip(tls_key).map(|(cert, key)| qdistill_coordinator::service::ServerTls { cert, key }),
             };
             let outcome = qdistill_worker::cluster::serve_coordinator(&config, &overrides, &listen, opts)?;
             println!("{outcome:#?}");
             Ok(())
         }
-        Command::Worker { coordinator, token, name, collective_listen, collective_advertise, device, no_nccl, teacher_lookahead_steps, metrics_addr } => {
+        Command::Worker { coordinator, token, tls_ca, name, collective_listen, collective_advertise, device, no_nccl, teacher_lookahead_steps, metrics_addr } => {
             anyhow::ensure!(!token.trim().is_empty(), "{EMPTY_TOKEN}");
             let _metrics = serve_metrics(metrics_addr, "worker")?;
             let mut opts = qdistill_worker::cluster::WorkerOptions::new(coordinator, token);
+            opts.connect.tls_ca = tls_ca;
             opts.nccl = !no_nccl;
             opts.teacher_lookahead_steps = teacher_lookahead_steps;
             opts.name = name;
@@ -438,8 +456,9 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Status { coordinator, token } => {
-            println!("{}", qdistill_worker::cluster::status(&coordinator, &token)?);
+        Command::Status { coordinator, token, tls_ca } => {
+            let connect = qdistill_coordinator::client::ConnectOptions { attempts: 3, tls_ca, ..Default::default() };
+            println!("{}", qdistill_coordinator::client::status_with(&coordinator, &token, &connect)?);
             Ok(())
         }
         Command::Selftest { device, fixtures } => {

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use qdistill_common::config::{self, LrSchedulerType, TrainConfig};
 use qdistill_common::optim::{lr_at, SchedulerType};
 use qdistill_coordinator::client::{Client, ConnectOptions};
+use qdistill_coordinator::service::ServerTls;
 use qdistill_coordinator::{RunningCoordinator, ServeOptions};
 use qdistill_proto::v1 as pb;
 use qdistill_worker::cluster::{run_worker, WorkerOptions};
@@ -240,7 +241,12 @@ fn cluster_worker_process() {
     tracing_subscriber::fmt().with_env_filter("info").with_writer(std::io::stderr).with_target(false).init();
     let mut opts = WorkerOptions::new(url, std::env::var("QDISTILL_TEST_TOKEN").unwrap());
     opts.name = std::env::var("QDISTILL_TEST_WORKER_NAME").ok();
-    opts.connect = ConnectOptions { attempts: 3, initial_backoff: Duration::from_millis(50), ..ConnectOptions::default() };
+    opts.connect = ConnectOptions {
+        attempts: 3,
+        initial_backoff: Duration::from_millis(50),
+        tls_ca: std::env::var_os("QDISTILL_TEST_TLS_CA").map(PathBuf::from),
+        ..ConnectOptions::default()
+    };
     opts.collective_timeout = Duration::from_secs(30);
     match run_worker(opts) {
         Ok(exit) => eprintln!("worker exit: {exit:?}"),
@@ -258,8 +264,16 @@ struct Worker {
 }
 
 fn spawn_worker(url: &str, token: &str, name: &str, logs: &Path) -> Worker {
+    spawn_worker_with_ca(url, token, name, logs, None)
+}
+
+fn spawn_worker_with_ca(url: &str, token: &str, name: &str, logs: &Path, tls_ca: Option<&Path>) -> Worker {
     let log = logs.join(format!("{name}.log"));
-    let child = Command::new(std::env::current_exe().unwrap())
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    if let Some(ca) = tls_ca {
+        cmd.env("QDISTILL_TEST_TLS_CA", ca);
+    }
+    let child = cmd
         .args(["cluster_worker_process", "--exact", "--ignored", "--nocapture", "--test-threads=1"])
         .env("QDISTILL_TEST_COORDINATOR", url)
         .env("QDISTILL_TEST_TOKEN", token)
@@ -286,8 +300,13 @@ struct Coord {
 }
 
 fn start_coordinator(cfg: &TrainConfig, total: u64, workers: usize) -> Coord {
+    start_coordinator_with_tls(cfg, total, workers, None)
+}
+
+fn start_coordinator_with_tls(cfg: &TrainConfig, total: u64, workers: usize, tls: Option<&Pki>) -> Coord {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let opts = ServeOptions {
+        tls: tls.map(|p| ServerTls { cert: p.cert.clone(), key: p.key.clone() }),
         token: TOKEN.into(),
         workers,
         shards: Some(SHARDS),
@@ -302,7 +321,8 @@ fn start_coordinator(cfg: &TrainConfig, total: u64, workers: usize) -> Coord {
         qdistill_coordinator::start(cfg, total, listener, opts).await.unwrap()
     });
     let url = running.url();
-    let client = rt.block_on(Client::connect(&url, TOKEN, &ConnectOptions::default())).unwrap();
+    let connect = ConnectOptions { tls_ca: tls.map(|p| p.ca.clone()), ..ConnectOptions::default() };
+    let client = rt.block_on(Client::connect(&url, TOKEN, &connect)).unwrap();
     Coord { rt, running: Some(running), url, client }
 }
 
@@ -611,4 +631,210 @@ fn a_worker_with_the_wrong_token_is_refused_with_a_clear_message() {
     opts.connect = ConnectOptions { attempts: 2, initial_backoff: Duration::from_millis(10), ..ConnectOptions::default() };
     let e = format!("{:#}", run_worker(opts).unwrap_err());
     assert!(e.contains(&dead) && e.contains("unreachable"), "{e}");
+}
+
+/// Kills the teacher (SIGKILL) at a random step. Its students' receives fail at once,
+/// they report leaving, and the next generation forms from the survivors and a fresh
+/// worker started after the kill: one of them computes the teacher's outputs, and the job
+/// resumes from the last checkpoint. The final adapter is the reference's, bit for bit,
+/// and the ledger holds every sample exactly once.
+#[cfg(unix)]
+#[test]
+fn a_teacher_killed_mid_run_is_replaced_by_a_new_generation_with_the_same_result() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let job = job();
+    let run = tempfile::tempdir().unwrap();
+    let out = run.path().join("out");
+    let cfg = job.config(&out);
+    let mut coord = start_coordinator(&cfg, job.total, 3);
+    let mut workers: Vec<Worker> = (0..3).map(|i| spawn_worker(&coord.url, TOKEN, &format!("w{i}"), run.path())).collect();
+    let kill_at = 1 + rand::random::<u64>() % (job.total - 4);
+    eprintln!("killing the teacher once {kill_at} step(s) are committed");
+    let st = freeze_at(&coord, &mut workers, kill_at);
+    let victim = st.workers.iter().find(|w| w.role == pb::Role::Teacher as i32).map(|w| w.worker_name.clone()).unwrap();
+    let w = workers.iter_mut().find(|w| w.name == victim).unwrap();
+    signal(&w.child, libc::SIGKILL);
+    let _ = w.child.wait();
+    resume(&workers, &victim);
+    workers.push(spawn_worker(&coord.url, TOKEN, "w3", run.path()));
+    let outcome = coord.wait(&mut workers, Duration::from_secs(300));
+    join_workers(&mut workers, &[&victim]);
+    assert_eq!(outcome.committed_steps, job.total);
+    assert!(outcome.generation >= 2, "no new generation after the kill");
+    let ended = &outcome.ended_generations;
+    assert!(ended[0].contains("left generation 1") || ended[0].contains(&format!("worker {victim}")), "{ended:?}");
+
+    let got = read_adapter(&out.join("final_model/adapter_model.safetensors"));
+    assert_bit_identical(&got, &job.reference, "after the teacher was killed");
+    let ledger = check_ledger(&out, &job.samples);
+    let resumed_from = st.last_checkpoint_step.unwrap_or(0);
+    assert!(ledger.rolled_back.iter().all(|s| s.step >= resumed_from), "steps before checkpoint-{resumed_from} were rolled back");
+    assert!(ledger.steps.iter().any(|s| s.generation >= 2), "no step was trained after the kill");
+}
+
+/// `qdistill coordinator` as a child process, on a fixed port.
+#[cfg(unix)]
+fn spawn_coordinator_process(job: &Job, out: &Path, port: u16, log: &Path) -> Child {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_qdistill"));
+    cmd.arg("coordinator").arg(&job.config);
+    for o in job.overrides.iter().cloned().chain([format!("output_dir={}", out.display())]) {
+        cmd.args(["--set", &o]);
+    }
+    cmd.args(["--listen", &format!("127.0.0.1:{port}"), "--workers", "3", "--shards", &SHARDS.to_string()])
+        .args(["--lease", "4", "--heartbeat", "0.2", "--max-generations", "5", "--token", TOKEN])
+        .stdout(Stdio::null())
+        .stderr(std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+/// The coordinator's status, or None while it is not answering.
+fn poll_status(url: &str) -> Option<pb::JobStatusResponse> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let opts = ConnectOptions { attempts: 1, connect_timeout: Duration::from_secs(1), ..ConnectOptions::default() };
+    rt.block_on(async { Client::connect(url, TOKEN, &opts).await.ok()?.job_status().await.ok() })
+}
+
+/// SIGKILL to the coordinator process mid-run, a few seconds without one, then the same
+/// `qdistill coordinator` command again on the same port and output_dir. The new
+/// coordinator reads the job record and the latest checkpoint (with its ledger), the
+/// workers ride out the outage, are told their sessions are unknown, register again and
+/// form a new generation: the final adapter is the undisturbed reference's, bit for bit,
+/// and the ledger holds every sample exactly once.
+#[cfg(unix)]
+#[test]
+fn a_coordinator_killed_mid_run_is_restarted_and_the_job_finishes_with_the_same_result() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let job = job();
+    let run = tempfile::tempdir().unwrap();
+    let out = run.path().join("out");
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let url = format!("http://127.0.0.1:{port}");
+    let coord_log = run.path().join("coordinator.log");
+    let mut coordinator = spawn_coordinator_process(job, &out, port, &coord_log);
+    let mut workers: Vec<Worker> = (0..3).map(|i| spawn_worker(&url, TOKEN, &format!("w{i}"), run.path())).collect();
+    let coord_log_text = || std::fs::read_to_string(&coord_log).unwrap_or_default();
+
+    let kill_at = 1 + rand::random::<u64>() % (job.total - 4);
+    eprintln!("killing the coordinator once {kill_at} step(s) are committed");
+    let mut before = None;
+    wait_until(&format!("step {kill_at}"), Duration::from_secs(240), &mut workers, || {
+        before = poll_status(&url).filter(|st| st.committed_steps >= kill_at);
+        if before.is_none() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        before.is_some()
+    });
+    signal(&coordinator, libc::SIGKILL);
+    coordinator.wait().unwrap();
+    let before = before.unwrap();
+    assert!(before.committed_steps < job.total, "the job finished before the kill: {before:?}");
+    // The workers go on without a coordinator for a while: their commits and heartbeats
+    // fail and are retried.
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(poll_status(&url).is_none(), "something still answers on {url}");
+    let mut coordinator = spawn_coordinator_process(job, &out, port, &coord_log);
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = coordinator.try_wait().unwrap() {
+            break s;
+        }
+        if t0.elapsed() > Duration::from_secs(300) {
+            let _ = coordinator.kill();
+            for w in workers.iter_mut() {
+                let _ = w.child.kill();
+            }
+            panic!("the restarted coordinator did not finish\n{}\n--- coordinator ---\n{}", logs_of(&workers), coord_log_text());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "the restarted coordinator exited with {status}\n{}", coord_log_text());
+    join_workers(&mut workers, &[]);
+    assert!(coord_log_text().contains("continuing the job"), "the second coordinator started the job over:\n{}", coord_log_text());
+
+    let got = read_adapter(&out.join("final_model/adapter_model.safetensors"));
+    assert_bit_identical(&got, &job.reference, "after a coordinator restart");
+    let ledger = check_ledger(&out, &job.samples);
+    // Steps the first coordinator committed after its last checkpoint were trained
+    // again; nothing before that checkpoint was.
+    let checkpointed = before.last_checkpoint_step.unwrap_or(0);
+    assert!(ledger.rolled_back.iter().all(|s| s.step >= checkpointed), "steps before checkpoint-{checkpointed} were rolled back");
+    let record: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("qdistill_job.json")).unwrap()).unwrap();
+    assert_eq!(record["coordinator_starts"], 2, "{record}");
+    assert!(record["generation"].as_u64().unwrap() >= 2, "the restart formed no new generation: {record}");
+    let ended: Vec<String> = serde_json::from_value(record["ended_generations"].clone()).unwrap();
+    assert!(ended.iter().any(|e| e.contains("coordinator restarted")), "{ended:?}");
+    // Sessions of the second coordinator are not those of the first.
+    let steps_after: Vec<u64> = ledger.steps.iter().filter(|s| s.generation >= 2).map(|s| s.step).collect();
+    assert!(!steps_after.is_empty() && steps_after[0] <= before.committed_steps, "{steps_after:?}");
+}
+
+/// A CA and a server certificate for 127.0.0.1 signed by it, as PEM files.
+struct Pki {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+fn make_pki(dir: &Path, name: &str) -> Pki {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(DnType::CommonName, format!("{name} test CA"));
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
+    params.distinguished_name.push(DnType::CommonName, "qdistill coordinator");
+    let cert = params.signed_by(&key, &ca).unwrap();
+    let pki = Pki { ca: dir.join(format!("{name}-ca.pem")), cert: dir.join(format!("{name}-cert.pem")), key: dir.join(format!("{name}-key.pem")) };
+    std::fs::write(&pki.ca, ca.pem()).unwrap();
+    std::fs::write(&pki.cert, cert.pem()).unwrap();
+    std::fs::write(&pki.key, key.serialize_pem()).unwrap();
+    pki
+}
+
+/// The coordinator serves TLS with a certificate from a CA made here: a worker given
+/// that CA joins over https:// and trains the whole LwF job (one student holding both
+/// shards, so the two-shard reference's bits); `status` works over TLS too. Workers
+/// without the CA, with another CA, or speaking plaintext are refused, and the error
+/// names the URL and what failed.
+#[test]
+fn a_worker_joins_over_tls_and_one_without_the_ca_is_refused() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let job = lwf_job();
+    let run = tempfile::tempdir().unwrap();
+    let pki = make_pki(run.path(), "job");
+    let out = run.path().join("out");
+    let mut coord = start_coordinator_with_tls(&job.config(&out), job.total, 1, Some(&pki));
+    assert!(coord.url.starts_with("https://127.0.0.1:"), "{}", coord.url);
+
+    // Refusals first, while the job waits for its one worker.
+    let refused = |connect: ConnectOptions, url: &str| {
+        let mut opts = WorkerOptions::new(url.to_string(), TOKEN);
+        opts.connect = ConnectOptions { attempts: 2, initial_backoff: Duration::from_millis(10), retry_for: Duration::ZERO, ..connect };
+        let e = format!("{:#}", run_worker(opts).unwrap_err());
+        eprintln!("refused as expected: {e}");
+        e
+    };
+    let e = refused(ConnectOptions::default(), &coord.url);
+    assert!(e.contains(&coord.url) && e.contains("--tls-ca"), "{e}");
+    let other = make_pki(run.path(), "other");
+    let e = refused(ConnectOptions { tls_ca: Some(other.ca.clone()), ..ConnectOptions::default() }, &coord.url);
+    assert!(e.contains(&coord.url) && e.contains("TLS handshake failed") && e.contains("certificate"), "{e}");
+    let plain = coord.url.replace("https://", "http://");
+    let e = refused(ConnectOptions::default(), &plain);
+    assert!(e.contains(&plain) && e.contains("use an https:// URL"), "{e}");
+    assert!(coord.status().workers.is_empty(), "a refused worker registered");
+
+    let mut workers = vec![spawn_worker_with_ca(&coord.url, TOKEN, "w0", run.path(), Some(&pki.ca))];
+    let outcome = coord.wait(&mut workers, Duration::from_secs(300));
+    join_workers(&mut workers, &[]);
+    assert_eq!((outcome.committed_steps, outcome.generation), (job.total, 1), "{outcome:?}\n{}", logs_of(&workers));
+    let got = read_adapter(&out.join("final_model/adapter_model.safetensors"));
+    assert_bit_identical(&got, &job.reference, "over TLS, one student holding both shards");
+    check_ledger(&out, &job.samples);
 }

@@ -1,6 +1,7 @@
 //! Calling the coordinator: connecting with bounded retries, the job token on every call,
 //! and `qdistill status`.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use qdistill_proto::v1 as pb;
@@ -8,7 +9,7 @@ use qdistill_proto::v1::coordinator_client::CoordinatorClient;
 use qdistill_proto::TOKEN_METADATA_KEY;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::{Request, Status};
 
 use crate::CoordError;
@@ -34,6 +35,12 @@ pub struct ConnectOptions {
     /// Per-call deadline. Generous: it covers a whole checkpoint upload; liveness is the
     /// heartbeat's business, not this.
     pub timeout: Duration,
+    /// How long a call keeps retrying a coordinator that does not answer (it may be
+    /// restarting), after the first `attempts` tries.
+    pub retry_for: Duration,
+    /// PEM file of the CA that signed the coordinator's certificate; required for
+    /// `https://` URLs.
+    pub tls_ca: Option<PathBuf>,
 }
 
 impl Default for ConnectOptions {
@@ -44,6 +51,8 @@ impl Default for ConnectOptions {
             max_backoff: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
             timeout: Duration::from_secs(900),
+            retry_for: Duration::from_secs(120),
+            tls_ca: None,
         }
     }
 }
@@ -74,6 +83,7 @@ impl Client {
             .connect_timeout(opts.connect_timeout)
             .timeout(opts.timeout)
             .tcp_nodelay(true);
+        let endpoint = with_tls(endpoint, url, opts).map_err(err)?;
         let attempts = opts.attempts.max(1);
         let mut last = String::new();
         for n in 0..attempts {
@@ -86,6 +96,11 @@ impl Client {
                 }
                 Err(e) => {
                     last = source_chain(&e);
+                    // A certificate the CA does not vouch for stays so: say what failed
+                    // at once instead of retrying it.
+                    if is_tls_failure(&last) {
+                        return Err(err(format!("TLS handshake failed: {last}")));
+                    }
                     if n + 1 < attempts {
                         let d = backoff(opts, n);
                         tracing::warn!(url, attempt = n + 1, "coordinator unreachable ({last}); retrying in {d:?}");
@@ -108,7 +123,13 @@ impl Client {
 
     /// Wraps a failed call into an error naming the coordinator.
     pub fn error(&self, s: Status) -> CoordError {
-        CoordError::Rpc { url: self.url.clone(), msg: format!("{}: {}", code_name(s.code()), s.message()) }
+        let mut msg = format!("{}: {}", code_name(s.code()), s.message());
+        // A TLS server answers a plaintext HTTP/2 preface with bytes that break the
+        // connection, which reaches the caller as nothing more than a protocol error.
+        if self.url.starts_with("http://") && s.message().contains("h2 protocol error") {
+            msg.push_str(" (if the coordinator serves TLS, use an https:// URL and --tls-ca)");
+        }
+        CoordError::Rpc { url: self.url.clone(), msg }
     }
 
     pub async fn job_status(&mut self) -> Result<pb::JobStatusResponse, CoordError> {
@@ -142,12 +163,42 @@ fn code_name(c: tonic::Code) -> &'static str {
     }
 }
 
+/// Configures TLS for `https://` URLs with the CA of `opts.tls_ca`.
+fn with_tls(endpoint: Endpoint, url: &str, opts: &ConnectOptions) -> Result<Endpoint, String> {
+    let https = url.starts_with("https://");
+    match (&opts.tls_ca, https) {
+        (None, false) => Ok(endpoint),
+        (Some(ca), false) => Err(format!("a TLS CA ({}) was given, but the URL is not https://", ca.display())),
+        (None, true) => Err("https:// needs the CA that signed the coordinator's certificate (--tls-ca FILE.pem)".into()),
+        (Some(ca), true) => {
+            let pem = std::fs::read(ca).map_err(|e| format!("reading the TLS CA {}: {e}", ca.display()))?;
+            if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
+                return Err(format!("the TLS CA {} holds no PEM certificate", ca.display()));
+            }
+            endpoint.tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem))).map_err(|e| format!("TLS CA {}: {}", ca.display(), source_chain(&e)))
+        }
+    }
+}
+
+/// Whether a connection error is the TLS handshake failing (rather than the coordinator
+/// being away): rustls names certificate problems, and a plaintext server answers a
+/// ClientHello with bytes that are no TLS record.
+fn is_tls_failure(chain: &str) -> bool {
+    ["invalid peer certificate", "InvalidCertificate", "received corrupt message", "InvalidContentType", "HTTP/2 was not negotiated"]
+        .iter()
+        .any(|m| chain.contains(m))
+}
+
 fn source_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
+        // Wrappers often repeat their source's text; say it once.
+        let text = c.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
         cur = c.source();
     }
     s
@@ -155,13 +206,17 @@ fn source_chain(e: &dyn std::error::Error) -> String {
 
 /// `qdistill status`: the job's state, one line per worker. Blocks.
 pub fn status(url: &str, token: &str) -> Result<String, CoordError> {
+    status_with(url, token, &ConnectOptions { attempts: 3, ..ConnectOptions::default() })
+}
+
+/// [`status`] with explicit connection options (a TLS CA, retries).
+pub fn status_with(url: &str, token: &str, opts: &ConnectOptions) -> Result<String, CoordError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| CoordError::Io { what: "tokio runtime".into(), source: e })?;
     rt.block_on(async {
-        let opts = ConnectOptions { attempts: 3, ..ConnectOptions::default() };
-        let mut c = Client::connect(url, token, &opts).await?;
+        let mut c = Client::connect(url, token, opts).await?;
         Ok(format_status(&c.job_status().await?))
     })
 }

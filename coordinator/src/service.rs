@@ -21,8 +21,8 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::convert;
 use crate::metrics::{JobCollector, JobSnapshot, MetricsServer};
 use crate::plan::TeacherPlacement;
-use crate::state::{HeartbeatAction, Job, JobSpec, LedgerStep, Phase, Refusal, StepRecord};
-use crate::store::{CheckpointStore, FileDigest, LocalDirStore, StoreError};
+use crate::state::{Continuity, HeartbeatAction, Job, JobSpec, LedgerStep, Phase, Refusal, StepRecord};
+use crate::store::{write_file_atomic, CheckpointStore, FileDigest, LocalDirStore, StoreError};
 use crate::CoordError;
 
 /// Name of the ledger file the coordinator adds to every checkpoint.
@@ -58,6 +58,18 @@ pub struct ServeOptions {
     /// On SIGTERM, how long [`serve`] waits for student rank 0 to upload a checkpoint of
     /// the step in progress before it stops (zero: stop at once).
     pub drain_timeout: Duration,
+    /// Serve gRPC over TLS with this certificate and key; workers then connect with
+    /// `https://` URLs and the CA that signed it.
+    pub tls: Option<ServerTls>,
+}
+
+/// PEM files of the coordinator's TLS identity.
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    /// The certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// The leaf's private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
 }
 
 impl Default for ServeOptions {
@@ -74,6 +86,7 @@ impl Default for ServeOptions {
             max_generations: 100,
             metrics_addr: None,
             drain_timeout: Duration::from_secs(60),
+            tls: None,
         }
     }
 }
@@ -140,6 +153,8 @@ struct Shared {
     recent_commits: Mutex<VecDeque<(Instant, u64)>>,
     /// ce_weight and kd_weight·T², to report the loss as the single-process run logs it.
     loss_weights: (f64, f64),
+    /// The job record as last written to `output_dir`.
+    record: Mutex<JobRecord>,
 }
 
 impl Shared {
@@ -190,6 +205,66 @@ impl Shared {
         // A panic while holding the lock leaves the job as it was at the last completed
         // call; the state machine has no multi-call invariants a half call could break.
         self.job.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    /// Rewrites the job record if `job` moved on since it was last written. Called with
+    /// the job locked, so records reach the disk in the order the changes happened.
+    fn persist(&self, job: &Job) {
+        let continuity = job.continuity();
+        let mut last = self.record.lock().unwrap_or_else(|p| p.into_inner());
+        if last.continuity == continuity {
+            return;
+        }
+        let rec = JobRecord { continuity, ..last.clone() };
+        match rec.write(&self.output_dir) {
+            Ok(()) => *last = rec,
+            // The job goes on; only a coordinator restart would miss the change.
+            Err(e) => tracing::warn!("{e}"),
+        }
+    }
+}
+
+/// Name of the job record the coordinator keeps in output_dir (see [`JobRecord`]).
+pub const JOB_RECORD_FILE: &str = "qdistill_job.json";
+
+/// Which job an output_dir holds and how far it got beyond its checkpoints. A coordinator
+/// started on an output_dir whose record names the same config continues that job: it
+/// keeps the job id, resumes from the latest checkpoint, and numbers generations on.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct JobRecord {
+    pub job_id: String,
+    /// SHA-256 (hex) of the resolved job config: only the same job is continued.
+    pub config_sha256: String,
+    /// SHA-256 (hex) of the job token: the workers keep the token they have, so a
+    /// restart with another one would lock them out.
+    pub token_sha256: String,
+    pub total_steps: u64,
+    /// How many coordinators have served the job, the current one included.
+    pub coordinator_starts: u64,
+    #[serde(flatten)]
+    pub continuity: Continuity,
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    <sha2::Sha256 as sha2::Digest>::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl JobRecord {
+    pub fn read(output_dir: &std::path::Path) -> Result<Option<Self>, CoordError> {
+        let path = output_dir.join(JOB_RECORD_FILE);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(CoordError::Io { what: path.display().to_string(), source: e }),
+        };
+        serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+            CoordError::Config(format!("{}: {e}; move it away to start the job over (its checkpoints stay usable with resume_from_checkpoint)", path.display()))
+        })
+    }
+
+    pub fn write(&self, output_dir: &std::path::Path) -> Result<(), StoreError> {
+        let path = output_dir.join(JOB_RECORD_FILE);
+        let bytes = serde_json::to_vec_pretty(self).map_err(|e| StoreError::Io { path: path.clone(), source: e.into() })?;
+        write_file_atomic(&path, &bytes)
     }
 }
 
@@ -265,6 +340,7 @@ impl Coordinator for CoordinatorService {
         let job_id = job.spec().job_id.clone();
         if job.phase() != &phase_before || job.generation() != gen_before {
             self.shared.progress.notify_waiters();
+            self.shared.persist(&job);
         }
         Ok(Response::new(pb::RegisterResponse {
             session_id: r.session_id,
@@ -284,6 +360,7 @@ impl Coordinator for CoordinatorService {
             let (a, m) = job.heartbeat(&req.session_id, req.generation, req.step, now);
             if job.phase() != &phase_before {
                 self.shared.progress.notify_waiters();
+                self.shared.persist(&job);
             }
             (a, m, job.generation())
         };
@@ -302,6 +379,7 @@ impl Coordinator for CoordinatorService {
             let w = job.get_work(&req.session_id, now).map_err(refusal)?;
             if job.generation() != gen_before {
                 self.shared.progress.notify_waiters();
+                self.shared.persist(&job);
             }
             (w, job.spec().config_toml.clone())
         };
@@ -327,7 +405,9 @@ impl Coordinator for CoordinatorService {
         let (ack, newly_committed) = {
             let mut job = self.shared.job();
             let before = job.ledger().len();
-            let ack = job.step_commit(&req.session_id, req.generation, req.step, rec, now).map_err(refusal)?;
+            let ack = job.step_commit(&req.session_id, req.generation, req.step, rec, now);
+            self.shared.persist(&job);
+            let ack = ack.map_err(refusal)?;
             let tokens: u64 = job.ledger()[before.min(job.ledger().len())..].iter().flat_map(|l| &l.ranks).map(|r| r.target_tokens).sum();
             (ack, (job.ledger().len() > before).then_some(tokens))
         };
@@ -392,6 +472,7 @@ impl Coordinator for CoordinatorService {
         {
             let mut job = self.shared.job();
             job.checkpoint_stored(step);
+            self.shared.persist(&job);
             tracing::info!(step, bytes, phase = ?job.phase(), "checkpoint stored");
         }
         self.shared.progress.notify_waiters();
@@ -566,6 +647,8 @@ pub struct Outcome {
 /// A coordinator serving in the background of a tokio runtime.
 pub struct RunningCoordinator {
     addr: SocketAddr,
+    /// "https" when serving TLS.
+    scheme: &'static str,
     shutdown: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Result<Outcome, CoordError>>,
     shared: Arc<Shared>,
@@ -579,7 +662,7 @@ impl RunningCoordinator {
     }
     /// The URL workers connect to.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", self.scheme, self.addr)
     }
     /// Where the Prometheus metrics are served, when they are.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
@@ -667,6 +750,11 @@ fn initial_state(cfg: &TrainConfig, store: &dyn CheckpointStore) -> Result<Optio
             }
         }
     };
+    stored_checkpoint(store, step).map(Some)
+}
+
+/// checkpoint-<step> of the store with the ledger of the steps it holds.
+fn stored_checkpoint(store: &dyn CheckpointStore, step: u64) -> Result<(u64, Vec<LedgerStep>), CoordError> {
     let mut text = String::new();
     let ledger: Vec<LedgerStep> = match store.open(step, LEDGER_FILE) {
         Ok(mut r) => {
@@ -676,10 +764,78 @@ fn initial_state(cfg: &TrainConfig, store: &dyn CheckpointStore) -> Result<Optio
         // A checkpoint written by a single-process run has no ledger.
         Err(_) => Vec::new(),
     };
-    Ok(Some((step, ledger)))
+    Ok((step, ledger))
+}
+
+/// The job this coordinator serves: the job of `output_dir`'s record when the record
+/// names the same config and step count (a restarted coordinator), else a new one that
+/// starts as `initial_state` says. Writes the record either way.
+fn open_job(cfg: &TrainConfig, mut spec: JobSpec, token: &str, store: &dyn CheckpointStore) -> Result<(Job, JobRecord), CoordError> {
+    let config_sha256 = sha256_hex(spec.config_toml.as_bytes());
+    let token_sha256 = sha256_hex(token.as_bytes());
+    let previous = JobRecord::read(&cfg.output_dir)?.filter(|r| r.config_sha256 == config_sha256 && r.total_steps == spec.total_steps);
+    let (job, record) = match previous {
+        Some(prev) => {
+            if prev.token_sha256 != token_sha256 {
+                return Err(CoordError::Config(format!(
+                    "{} holds job {} started with another token; its workers still send that one: pass the same --token (QDISTILL_TOKEN) to continue it, or pick another output_dir",
+                    cfg.output_dir.display(),
+                    prev.job_id
+                )));
+            }
+            spec.job_id = prev.job_id.clone();
+            let checkpoint = match store.list()?.last() {
+                Some(&step) => Some(stored_checkpoint(store, step)?),
+                None => None,
+            };
+            let starts = prev.coordinator_starts + 1;
+            tracing::warn!(
+                job_id = %prev.job_id,
+                "continuing the job of {} (coordinator start {starts}) from {}",
+                cfg.output_dir.display(),
+                checkpoint.as_ref().map_or("step 0".to_string(), |(s, _)| format!("checkpoint-{s}"))
+            );
+            let job = Job::restarted(spec, checkpoint, prev.continuity.clone(), starts, 0);
+            (job, JobRecord { coordinator_starts: starts, ..prev })
+        }
+        None => {
+            let resume = initial_state(cfg, store)?;
+            let record = JobRecord {
+                job_id: spec.job_id.clone(),
+                config_sha256,
+                token_sha256,
+                total_steps: spec.total_steps,
+                coordinator_starts: 1,
+                continuity: Continuity::default(),
+            };
+            (Job::new(spec, resume, 0), record)
+        }
+    };
+    let record = JobRecord { continuity: job.continuity(), ..record };
+    record.write(&cfg.output_dir)?;
+    Ok((job, record))
 }
 
 use std::io::Read as _;
+
+/// Reads the coordinator's TLS identity, naming the file that cannot be read. Whether
+/// the PEM holds a usable certificate and key is checked when the server starts.
+fn server_tls(t: &ServerTls) -> Result<tonic::transport::ServerTlsConfig, CoordError> {
+    let read = |p: &PathBuf, what: &str| std::fs::read(p).map_err(|e| CoordError::Io { what: format!("TLS {what} {}", p.display()), source: e });
+    let (cert, key) = (read(&t.cert, "certificate")?, read(&t.key, "private key")?);
+    Ok(tonic::transport::ServerTlsConfig::new().identity(tonic::transport::Identity::from_pem(cert, key)))
+}
+
+fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
 
 /// Starts serving `cfg`'s job on `listener` (inside a tokio runtime).
 pub async fn start(cfg: &TrainConfig, total_steps: u64, listener: tokio::net::TcpListener, opts: ServeOptions) -> Result<RunningCoordinator, CoordError> {
@@ -688,11 +844,19 @@ pub async fn start(cfg: &TrainConfig, total_steps: u64, listener: tokio::net::Tc
     }
     let spec = job_spec(cfg, total_steps, &opts)?;
     let store: Arc<dyn CheckpointStore> = Arc::new(LocalDirStore::new(&cfg.output_dir)?);
-    let resume = initial_state(cfg, store.as_ref())?;
+    let tls = opts.tls.as_ref().map(server_tls).transpose()?;
+    let scheme = if opts.tls.is_some() { "https" } else { "http" };
+    let mut builder = tonic::transport::Server::builder();
+    if let (Some(tls), Some(files)) = (tls, &opts.tls) {
+        builder = builder.tls_config(tls).map_err(|e| {
+            CoordError::Config(format!("TLS certificate {} / key {}: {}", files.cert.display(), files.key.display(), source_chain(&e)))
+        })?;
+    }
+    let (job, record) = open_job(cfg, spec, &opts.token, store.as_ref())?;
     let lease = opts.lease;
     let tick = (lease / 4).clamp(Duration::from_millis(20), Duration::from_millis(500));
     let shared = Arc::new(Shared {
-        job: Mutex::new(Job::new(spec, resume, 0)),
+        job: Mutex::new(job),
         store,
         started: Instant::now(),
         progress: Notify::new(),
@@ -703,6 +867,7 @@ pub async fn start(cfg: &TrainConfig, total_steps: u64, listener: tokio::net::Tc
         draining: AtomicBool::new(false),
         recent_commits: Mutex::new(VecDeque::new()),
         loss_weights: (cfg.distill.ce_weight, cfg.distill.kd_weight * cfg.distill.temperature.powi(2)),
+        record: Mutex::new(record),
     });
     let metrics = match &opts.metrics_addr {
         Some(addr) => {
@@ -734,6 +899,7 @@ pub async fn start(cfg: &TrainConfig, total_steps: u64, listener: tokio::net::Tc
                 if job.generation() != gen || job.phase() == &Phase::Forming {
                     watcher.progress.notify_waiters();
                 }
+                watcher.persist(&job);
                 if matches!(job.phase(), Phase::Done | Phase::Failed(_)) {
                     let since = *over_since.get_or_insert(now);
                     let told = watcher.told_stop.lock().unwrap_or_else(|p| p.into_inner());
@@ -752,7 +918,7 @@ pub async fn start(cfg: &TrainConfig, total_steps: u64, listener: tokio::net::Tc
             }
             let _ = fired_tx.send(());
         };
-        let server = tonic::transport::Server::builder()
+        let server = builder
             .add_service(health)
             .add_service(svc)
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
@@ -779,8 +945,8 @@ pub async fn start(cfg: &TrainConfig, total_steps: u64, listener: tokio::net::Tc
             ended_generations: st.ended_generations,
         })
     });
-    tracing::info!(%addr, "coordinator listening");
-    Ok(RunningCoordinator { addr, shutdown: Some(stop_tx), task, shared: watcher_shared, metrics })
+    tracing::info!(%addr, tls = scheme == "https", "coordinator listening");
+    Ok(RunningCoordinator { addr, scheme, shutdown: Some(stop_tx), task, shared: watcher_shared, metrics })
 }
 
 /// `qdistill coordinator`: serves `cfg`'s job on `addr` until it is over, or until Ctrl-C
@@ -806,7 +972,7 @@ pub fn serve(cfg: &TrainConfig, total_steps: u64, addr: &str, opts: ServeOptions
                     None => tracing::warn!("no new checkpoint before stopping; a restart resumes from the last one"),
                 }
             }
-            tracing::warn!("the coordinator stops (checkpoints are on disk; restart it with resume_from_checkpoint = true)");
+            tracing::warn!("the coordinator stops (the job is on disk: the same command with the same token continues it)");
             if let Some(tx) = stop {
                 let _ = tx.send(());
             }
@@ -815,4 +981,76 @@ pub fn serve(cfg: &TrainConfig, total_steps: u64, addr: &str, opts: ServeOptions
         on_signal.abort();
         r
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use qdistill_common::config::{parse, ConfigFormat};
+
+    fn config(out: &std::path::Path, learning_rate: &str) -> TrainConfig {
+        let text = format!(
+            "output_dir = {:?}\n[model]\nmodel_name_or_path = \"m\"\n[data]\ntrain_file = \"t.jsonl\"\n[training]\nlearning_rate = {learning_rate}\nsave_steps = 2\n",
+            out.display().to_string()
+        );
+        parse(&text, ConfigFormat::Toml, "test config", &[]).unwrap()
+    }
+
+    fn opts(token: &str) -> ServeOptions {
+        ServeOptions { token: token.into(), ..ServeOptions::default() }
+    }
+
+    /// Stores checkpoint-<step> the way the upload path does: files, then the ledger.
+    fn store_checkpoint(store: &LocalDirStore, step: u64, ledger: &[LedgerStep]) {
+        let mut w = store.begin(step).unwrap();
+        let ledger = serde_json::to_vec(ledger).unwrap();
+        w.write("adapter_model.safetensors", 0, b"weights").unwrap();
+        w.write(LEDGER_FILE, 0, &ledger).unwrap();
+        w.commit(&[FileDigest::of("adapter_model.safetensors", b"weights"), FileDigest::of(LEDGER_FILE, &ledger)]).unwrap();
+    }
+
+    /// A second coordinator on the same output_dir, config and token continues the first
+    /// one's job (same id, from its latest checkpoint and ledger); another token or
+    /// another config does not.
+    #[test]
+    fn a_coordinator_started_on_its_own_output_dir_continues_the_job() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path(), "1e-4");
+        let store = LocalDirStore::new(dir.path()).unwrap();
+        let (first, rec) = open_job(&cfg, job_spec(&cfg, 6, &opts("tok")).unwrap(), "tok", &store).unwrap();
+        assert_eq!((rec.coordinator_starts, first.committed_steps()), (1, 0));
+        let job_id = first.spec().job_id.clone();
+        let on_disk = JobRecord::read(dir.path()).unwrap().unwrap();
+        assert_eq!(on_disk, rec);
+
+        let ledger: Vec<LedgerStep> = (0..2).map(|step| LedgerStep { step, generation: 1, ranks: vec![] }).collect();
+        store_checkpoint(&store, 2, &ledger);
+        let mut record = on_disk.clone();
+        record.continuity.generation = 1;
+        record.write(dir.path()).unwrap();
+
+        let (again, rec) = open_job(&cfg, job_spec(&cfg, 6, &opts("tok")).unwrap(), "tok", &store).unwrap();
+        assert_eq!(again.spec().job_id, job_id, "the job keeps its id");
+        assert_eq!((again.committed_steps(), again.ledger(), again.resume_step()), (2, &ledger[..], Some(2)));
+        assert_eq!((rec.coordinator_starts, rec.continuity.generation), (2, 1));
+        assert_eq!(JobRecord::read(dir.path()).unwrap().unwrap().coordinator_starts, 2);
+
+        let e = open_job(&cfg, job_spec(&cfg, 6, &opts("other")).unwrap(), "other", &store).err().unwrap().to_string();
+        assert!(e.contains("another token") && e.contains(&job_id), "{e}");
+        // Another config (or step count) is another job, and the stored checkpoint is
+        // not silently taken over.
+        let changed = config(dir.path(), "2e-4");
+        let e = open_job(&changed, job_spec(&changed, 6, &opts("tok")).unwrap(), "tok", &store).err().unwrap().to_string();
+        assert!(e.contains("already holds checkpoint-2"), "{e}");
+        let e = open_job(&cfg, job_spec(&cfg, 7, &opts("tok")).unwrap(), "tok", &store).err().unwrap().to_string();
+        assert!(e.contains("already holds checkpoint-2"), "{e}");
+    }
+
+    #[test]
+    fn a_damaged_job_record_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(JOB_RECORD_FILE), b"{ not json").unwrap();
+        let e = JobRecord::read(dir.path()).unwrap_err().to_string();
+        assert!(e.contains(JOB_RECORD_FILE) && e.contains("move it away"), "{e}");
+    }
 }

@@ -233,6 +233,26 @@ pub struct Job {
     ended_generations: Vec<String>,
     /// NCCL unique ids offered by the roots of the current generation's groups.
     nccl_ids: BTreeMap<(u64, String), Vec<u8>>,
+    /// How many coordinators have served this job, this one included; session ids of a
+    /// restarted coordinator carry it, so none can be mistaken for a session of the
+    /// coordinator before.
+    incarnation: u64,
+}
+
+/// What a job's checkpoints do not hold but a restarted coordinator needs to continue
+/// the job rather than start it over. The service keeps it on disk beside the
+/// checkpoints, rewritten whenever it changes.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Continuity {
+    /// The latest generation formed; a restarted coordinator numbers on from it, so the
+    /// generation limit counts every generation of the job.
+    pub generation: u64,
+    pub ended_generations: Vec<String>,
+    pub rolled_back: Vec<LedgerStep>,
+    /// Steps committed, wholly or by some ranks, after the latest stored checkpoint. They
+    /// die with the coordinator's memory, so a restart trains them again and lists them
+    /// as rolled back.
+    pub uncheckpointed: Vec<LedgerStep>,
 }
 
 impl Job {
@@ -259,9 +279,53 @@ impl Job {
             rolled_back: Vec::new(),
             ended_generations: Vec::new(),
             nccl_ids: BTreeMap::new(),
+            incarnation: 1,
         };
         job.check_done();
         job
+    }
+
+    /// The job as a restarted coordinator continues it: from `checkpoint` (the latest
+    /// stored one, with its ledger), numbering generations on from `before.generation`.
+    /// `incarnation` counts the coordinators that served the job, this one included.
+    pub fn restarted(spec: JobSpec, checkpoint: Option<(u64, Vec<LedgerStep>)>, before: Continuity, incarnation: u64, now_ms: u64) -> Self {
+        let mut job = Self::new(spec, checkpoint, now_ms);
+        let resume = job.committed_steps;
+        job.incarnation = incarnation.max(1);
+        job.generation = before.generation;
+        job.ended_generations = before.ended_generations;
+        job.rolled_back = before.rolled_back;
+        // Steps the checkpoint already holds were recorded as uncheckpointed only if the
+        // coordinator died between storing it and rewriting its record.
+        job.rolled_back.extend(before.uncheckpointed.into_iter().filter(|l| l.step >= resume));
+        let running = job.ended_generations.len() < job.generation as usize;
+        if running && !job.is_over() {
+            // The restart ended that generation like a lost worker would have.
+            let why = format!("the coordinator restarted during generation {}", job.generation);
+            job.ended_generations.push(why.clone());
+            if job.generation >= job.spec.max_generations {
+                job.phase = Phase::Failed(format!("{why}; {} generations formed, the limit is {}", job.generation, job.spec.max_generations));
+            }
+        }
+        if !job.is_over() {
+            job.message = format!("coordinator restarted; resuming from step {resume}, waiting for workers to register again");
+        }
+        job
+    }
+
+    /// The state a restarted coordinator needs (see [`Continuity`]).
+    pub fn continuity(&self) -> Continuity {
+        let checkpointed = self.checkpoints.iter().next_back().copied().unwrap_or(0);
+        let mut uncheckpointed: Vec<LedgerStep> = self.ledger.iter().filter(|l| l.step >= checkpointed).cloned().collect();
+        uncheckpointed.extend(
+            self.pending.iter().map(|(&step, ranks)| LedgerStep { step, generation: self.generation, ranks: ranks.values().cloned().collect() }),
+        );
+        Continuity {
+            generation: self.generation,
+            ended_generations: self.ended_generations.clone(),
+            rolled_back: self.rolled_back.clone(),
+            uncheckpointed,
+        }
     }
 
     pub fn spec(&self) -> &JobSpec {
@@ -324,7 +388,10 @@ impl Job {
         }
         let seq = self.next_seq;
         self.next_seq += 1;
-        let session_id = format!("{}-w{seq}", self.spec.job_id);
+        let session_id = match self.incarnation {
+            1 => format!("{}-w{seq}", self.spec.job_id),
+            n => format!("{}-r{n}-w{seq}", self.spec.job_id),
+        };
         self.sessions.insert(
             session_id.clone(),
             Session {
@@ -978,6 +1045,57 @@ mod tests {
             Phase::Failed(why) => assert!(why.contains("3 generations formed, the limit is 3"), "{why}"),
             p => panic!("{p:?}"),
         }
+    }
+
+    /// A coordinator that restarts mid-generation: the new one resumes from the stored
+    /// checkpoint, lists what the old one committed after it as rolled back, numbers
+    /// generations on, and hands out session ids the old one never did.
+    #[test]
+    fn a_restarted_job_continues_from_its_checkpoint_and_continuity() {
+        let (mut job, ids, asg) = formed();
+        for step in 0..3 {
+            job.step_commit(&ids[0], 1, step, record(&asg[0], step), 100).unwrap();
+            job.step_commit(&ids[2], 1, step, record(&asg[2], step), 100).unwrap();
+        }
+        job.checkpoint_stored(2);
+        // Step 3 committed by one rank only when the coordinator dies.
+        job.step_commit(&ids[0], 1, 3, record(&asg[0], 3), 110).unwrap();
+        let c = job.continuity();
+        assert_eq!(c.generation, 1);
+        assert!(c.ended_generations.is_empty() && c.rolled_back.is_empty());
+        assert_eq!(c.uncheckpointed.iter().map(|l| (l.step, l.ranks.len())).collect::<Vec<_>>(), [(2, 2), (3, 1)]);
+        let c2: Continuity = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
+        assert_eq!(c2, c, "the record round-trips through JSON");
+
+        let checkpoint = Some((2, job.ledger_before(2).unwrap()));
+        let mut new = Job::restarted(spec(3, TeacherPlacement::Ranks(1)), checkpoint.clone(), c.clone(), 2, 0);
+        assert_eq!((new.phase(), new.committed_steps(), new.generation()), (&Phase::Forming, 2, 1));
+        assert_eq!(new.ledger().iter().map(|l| l.step).collect::<Vec<_>>(), [0, 1]);
+        assert_eq!(new.rolled_back().iter().map(|l| l.step).collect::<Vec<_>>(), [2, 3]);
+        assert_eq!(new.status(0).ended_generations, ["the coordinator restarted during generation 1"]);
+        // The old sessions are unknown; new ones never reuse their ids.
+        assert_eq!(new.heartbeat(&ids[0], 1, 3, 10).0, HeartbeatAction::Reregister);
+        let fresh: Vec<String> = [("a", 1), ("b", 9), ("c", 1)].iter().map(|(n, m)| new.register(reg(n, *m), 20).unwrap().session_id).collect();
+        assert!(fresh.iter().all(|id| !ids.contains(id)), "{fresh:?} reuses one of {ids:?}");
+        let a = assignment(&mut new, &fresh[0], 30);
+        assert_eq!((a.generation, a.start_step, a.resume), (2, 2, true));
+
+        // Died between storing checkpoint-4 and rewriting its record: the record's
+        // uncheckpointed steps the checkpoint holds are not rolled back.
+        let mut ahead = c.clone();
+        ahead.uncheckpointed.retain(|l| l.step == 2);
+        let j = Job::restarted(spec(3, TeacherPlacement::Ranks(1)), Some((4, vec![])), ahead, 2, 0);
+        assert!(j.rolled_back().is_empty());
+        // A restart counts against the generation limit like any ended generation.
+        let mut at_limit = c.clone();
+        at_limit.generation = 3;
+        at_limit.ended_generations = vec!["x".into(), "y".into()];
+        let j = Job::restarted(spec(3, TeacherPlacement::Ranks(1)), checkpoint, at_limit, 2, 0);
+        assert!(matches!(j.phase(), Phase::Failed(why) if why.contains("the limit is 3")), "{:?}", j.phase());
+        // A finished job stays finished, and no generation is said to have been cut.
+        let done = Job::restarted(spec(3, TeacherPlacement::Ranks(1)), Some((6, vec![])), c, 2, 0);
+        assert_eq!(done.phase(), &Phase::Done);
+        assert!(done.status(0).ended_generations.is_empty());
     }
 
     #[test]

@@ -41,6 +41,26 @@ impl FileDigest {
     }
 }
 
+/// [`FileDigest`] of a file that arrives in pieces.
+pub struct FileHasher {
+    path: String,
+    size: u64,
+    sha: Sha256,
+}
+
+impl FileHasher {
+    pub fn new(path: &str) -> Self {
+        Self { path: path.to_string(), size: 0, sha: Sha256::new() }
+    }
+    pub fn update(&mut self, data: &[u8]) {
+        self.size += data.len() as u64;
+        self.sha.update(data);
+    }
+    pub fn finish(self) -> FileDigest {
+        FileDigest { path: self.path, size: self.size, sha256: self.sha.finalize().into() }
+    }
+}
+
 /// One checkpoint being written. Dropping it without [`CheckpointWriter::commit`] leaves
 /// nothing behind.
 pub trait CheckpointWriter: Send {
@@ -129,6 +149,26 @@ fn publish(tmp: &Path, dest: &Path) -> Result<(), StoreError> {
         fs::rename(tmp, dest).map_err(io(dest))?;
     }
     fsync_dir(parent)
+}
+
+/// Replaces the file `path` by `data` so that a crash at any point leaves either the old
+/// file or the new one, never a mix: write a temp file beside it, sync, rename, sync the
+/// directory.
+pub fn write_file_atomic(path: &Path, data: &[u8]) -> Result<(), StoreError> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp-{}-{:016x}", std::process::id(), rand::random::<u64>()));
+    let result = (|| {
+        let mut f = File::create(&tmp).map_err(io(&tmp))?;
+        f.write_all(data).map_err(io(&tmp))?;
+        f.sync_all().map_err(io(&tmp))?;
+        fs::rename(&tmp, path).map_err(io(path))?;
+        fsync_dir(dir)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
 }
 
 fn walk(dir: &Path, prefix: &str, out: &mut Vec<String>) -> Result<(), StoreError> {

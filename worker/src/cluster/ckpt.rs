@@ -2,6 +2,7 @@
 //! `qdistill_common::checkpoint`), and its trip to and from the coordinator.
 
 use std::collections::HashMap;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use qdistill_common::checkpoint::{
@@ -13,7 +14,7 @@ use qdistill_common::data::DataCursor;
 use qdistill_common::{Error, Result};
 use qdistill_coordinator::convert;
 use qdistill_coordinator::service::CHUNK_BYTES;
-use qdistill_coordinator::store::{CheckpointStore, FileDigest, LocalDirStore};
+use qdistill_coordinator::store::{CheckpointStore, FileDigest, FileHasher, LocalDirStore};
 use qdistill_proto::v1 as pb;
 use tonic::Code;
 
@@ -69,11 +70,66 @@ fn status_error(rpc: &Rpc, what: &str, s: tonic::Status) -> RoleError {
     match s.code() {
         // The generation ended under us, or the coordinator gave up waiting on a peer.
         Code::Aborted | Code::NotFound | Code::DeadlineExceeded | Code::Unavailable => RoleError::Lost(format!("{what}: {}", s.message())),
+        // The connection broke mid-stream (the coordinator died or restarts): register
+        // again, the next generation resumes from a checkpoint that did arrive.
+        _ if super::session::transient(&s) => RoleError::Lost(format!("{what}: {}", s.message())),
         _ => RoleError::Fatal(rpc.error(s).context(what.to_string())),
     }
 }
 
-/// Streams every file of `dir` to the coordinator as checkpoint-<step>.
+/// Reads the files `names` of `dir` in chunks of at most [`CHUNK_BYTES`] and hands each
+/// chunk to `send`, then the trailer with every file's size and SHA-256, hashed on the
+/// way. At most one chunk is in hand at a time, so a checkpoint of any size streams in
+/// bounded memory. Stops early, returning `Ok(false)`, when `send` refuses a chunk (the
+/// receiver went away).
+pub(crate) fn stream_files(dir: &Path, names: &[String], send: &mut dyn FnMut(pb::CheckpointChunk) -> bool) -> Result<bool> {
+    let mut digests = Vec::with_capacity(names.len());
+    for name in names {
+        let p = dir.join(name);
+        let mut f = std::fs::File::open(&p).map_err(|e| Error::io(&p, e))?;
+        let mut hasher = FileHasher::new(name);
+        let mut offset = 0u64;
+        loop {
+            let mut buf = vec![0u8; CHUNK_BYTES];
+            let n = read_full(&mut f, &mut buf).map_err(|e| Error::io(&p, e))?;
+            buf.truncate(n);
+            hasher.update(&buf);
+            // An empty file still needs one chunk, so the receiver creates it.
+            if n > 0 || offset == 0 {
+                let chunk = pb::FileChunk { path: name.clone(), offset, data: buf };
+                if !send(pb::CheckpointChunk { kind: Some(pb::checkpoint_chunk::Kind::File(chunk)) }) {
+                    return Ok(false);
+                }
+            }
+            offset += n as u64;
+            if n < CHUNK_BYTES {
+                break;
+            }
+        }
+        let d = hasher.finish();
+        digests.push(pb::FileDigest { path: d.path, size: d.size, sha256: d.sha256.to_vec() });
+    }
+    Ok(send(pb::CheckpointChunk { kind: Some(pb::checkpoint_chunk::Kind::Trailer(pb::CheckpointTrailer { files: digests })) }))
+}
+
+fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// Chunks in flight between the file reader and the gRPC stream.
+const UPLOAD_QUEUE: usize = 4;
+
+/// Streams every file of `dir` to the coordinator as checkpoint-<step>, read from disk
+/// chunk by chunk as the stream drains.
 pub fn upload(rpc: &Rpc, session_id: &str, generation: u64, step: u64, dir: &Path) -> std::result::Result<u64, RoleError> {
     let mut names: Vec<String> = Vec::new();
     for e in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
@@ -81,30 +137,30 @@ pub fn upload(rpc: &Rpc, session_id: &str, generation: u64, step: u64, dir: &Pat
         names.push(e.file_name().to_string_lossy().into_owned());
     }
     names.sort();
-    let mut chunks = vec![pb::CheckpointChunk {
+    let (tx, rx) = tokio::sync::mpsc::channel(UPLOAD_QUEUE);
+    let header = pb::CheckpointChunk {
         kind: Some(pb::checkpoint_chunk::Kind::Header(pb::CheckpointHeader { session_id: session_id.to_string(), generation, step })),
-    }];
-    let mut digests = Vec::new();
-    for name in &names {
-        let p = dir.join(name);
-        let data = std::fs::read(&p).map_err(|e| Error::io(&p, e))?;
-        let d = FileDigest::of(name, &data);
-        digests.push(pb::FileDigest { path: d.path, size: d.size, sha256: d.sha256.to_vec() });
-        let mut offset = 0;
-        loop {
-            let end = (offset + CHUNK_BYTES).min(data.len());
-            chunks.push(pb::CheckpointChunk {
-                kind: Some(pb::checkpoint_chunk::Kind::File(pb::FileChunk { path: name.clone(), offset: offset as u64, data: data[offset..end].to_vec() })),
-            });
-            offset = end;
-            if offset >= data.len() {
-                break;
+    };
+    let from = dir.to_path_buf();
+    let reader = std::thread::Builder::new()
+        .name("qdistill-ckpt-upload".into())
+        .spawn(move || {
+            let mut send = |c: pb::CheckpointChunk| tx.blocking_send(c).is_ok();
+            if !send(header) {
+                return Ok(false);
             }
-        }
-    }
-    chunks.push(pb::CheckpointChunk { kind: Some(pb::checkpoint_chunk::Kind::Trailer(pb::CheckpointTrailer { files: digests })) });
+            stream_files(&from, &names, &mut send)
+        })
+        .map_err(|e| Error::io(dir, e))?;
     let mut c = rpc.client.clone();
-    let r = rpc.rt.block_on(c.raw().upload_checkpoint(tokio_stream::iter(chunks)));
+    let r = rpc.rt.block_on(c.raw().upload_checkpoint(tokio_stream::wrappers::ReceiverStream::new(rx)));
+    // A read error ends the stream before its trailer, which the coordinator refuses;
+    // the read error is the cause worth reporting.
+    match reader.join() {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => return Err(RoleError::Fatal(anyhow::Error::from(e).context(format!("uploading checkpoint-{step}")))),
+        Err(_) => return Err(RoleError::Fatal(anyhow::anyhow!("uploading checkpoint-{step}: the file reader panicked"))),
+    }
     match r {
         Ok(r) => Ok(r.into_inner().bytes),
         Err(s) => Err(status_error(rpc, &format!("uploading checkpoint-{step}"), s)),
@@ -139,5 +195,65 @@ pub fn download(rpc: &Rpc, session_id: &str, step: u64, into: &Path) -> std::res
             }
             other => return Err(RoleError::Fatal(anyhow::anyhow!("{what}: unexpected message {other:?}"))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The upload stream carries each file in bounded chunks at contiguous offsets, and a
+    /// trailer whose digests are those of the whole files (hashed here in one piece).
+    #[test]
+    fn files_stream_in_bounded_chunks_with_whole_file_digests() {
+        let dir = tempfile::tempdir().unwrap();
+        let big: Vec<u8> = (0..(5 * CHUNK_BYTES / 2) as u64).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let files: Vec<(&str, Vec<u8>)> = vec![("adapter_model.safetensors", big), ("empty", Vec::new()), ("trainer_state.json", b"{\"global_step\": 3}".to_vec())];
+        for (n, d) in &files {
+            std::fs::write(dir.path().join(n), d).unwrap();
+        }
+        let names: Vec<String> = files.iter().map(|(n, _)| n.to_string()).collect();
+        let mut got: Vec<pb::CheckpointChunk> = Vec::new();
+        assert!(stream_files(dir.path(), &names, &mut |c| {
+            got.push(c);
+            true
+        })
+        .unwrap());
+        let Some(pb::checkpoint_chunk::Kind::Trailer(trailer)) = got.pop().unwrap().kind else { panic!("the stream does not end with its trailer") };
+        let mut rebuilt: HashMap<String, Vec<u8>> = HashMap::new();
+        let mut chunks_of: HashMap<String, usize> = HashMap::new();
+        for c in got {
+            let Some(pb::checkpoint_chunk::Kind::File(f)) = c.kind else { panic!("a non-file message before the trailer") };
+            assert!(f.data.len() <= CHUNK_BYTES, "{}: a chunk of {} bytes", f.path, f.data.len());
+            let buf = rebuilt.entry(f.path.clone()).or_default();
+            assert_eq!(f.offset, buf.len() as u64, "{}: offsets must be contiguous", f.path);
+            buf.extend_from_slice(&f.data);
+            *chunks_of.entry(f.path).or_default() += 1;
+        }
+        assert_eq!(chunks_of["adapter_model.safetensors"], 3);
+        assert_eq!(chunks_of["empty"], 1, "an empty file still gets one chunk");
+        for (n, d) in &files {
+            assert_eq!(&rebuilt[*n], d, "{n}");
+        }
+        let want: Vec<pb::FileDigest> = files
+            .iter()
+            .map(|(n, d)| {
+                let d = FileDigest::of(n, d);
+                pb::FileDigest { path: d.path, size: d.size, sha256: d.sha256.to_vec() }
+            })
+            .collect();
+        assert_eq!(trailer.files, want);
+
+        // A receiver that goes away stops the reading at once.
+        let mut calls = 0;
+        assert!(!stream_files(dir.path(), &names, &mut |_| {
+            calls += 1;
+            false
+        })
+        .unwrap());
+        assert_eq!(calls, 1);
+        // A file that cannot be read is named.
+        let e = stream_files(dir.path(), &["missing.bin".to_string()], &mut |_| true).unwrap_err();
+        assert!(e.to_string().contains("missing.bin"), "{e}");
     }
 }

@@ -26,23 +26,27 @@ pub(crate) struct Rpc {
 }
 
 /// Codes worth retrying: the coordinator is restarting or the network blinked.
-fn transient(s: &Status) -> bool {
+pub(crate) fn transient(s: &Status) -> bool {
     matches!(s.code(), Code::Unavailable | Code::Unknown) || (s.code() == Code::Cancelled && s.message().contains("connection"))
 }
 
 impl Rpc {
-    /// A unary call, retried with backoff while the coordinator is unreachable.
+    /// A unary call, retried with backoff while the coordinator is unreachable: at least
+    /// `attempts` tries, and on for `retry_for` (a coordinator restart takes seconds;
+    /// the restarted one then answers with an unknown session, and the worker registers
+    /// again).
     pub fn call<T, F, Fut>(&self, f: F) -> Result<T, Status>
     where
         F: Fn(Raw) -> Fut,
         Fut: Future<Output = Result<Response<T>, Status>>,
     {
         let mut n = 0;
+        let started = Instant::now();
         loop {
             let mut c = self.client.clone();
             match self.rt.block_on(f(c.raw().clone())) {
                 Ok(r) => return Ok(r.into_inner()),
-                Err(s) if transient(&s) && n + 1 < self.connect.attempts => {
+                Err(s) if transient(&s) && (n + 1 < self.connect.attempts || started.elapsed() < self.connect.retry_for) => {
                     let d = backoff(&self.connect, n);
                     tracing::warn!("coordinator {}: {}; retrying in {d:?}", self.client.url(), s.message());
                     std::thread::sleep(d);
