@@ -234,7 +234,8 @@ pub struct JobRecord {
     pub job_id: String,
     /// SHA-256 (hex) of the resolved job config: only the same job is continued.
     pub config_sha256: String,
-    /// SHA-256 (hex) of the job token: the workers keep the token they have, so a
+    /// SHA-256 (hex) of the job id, a newline and the job token (salted by the id, so
+    /// equal tokens of two jobs do not show): the workers keep the token they have, so a
     /// restart with another one would lock them out.
     pub token_sha256: String,
     pub total_steps: u64,
@@ -246,6 +247,10 @@ pub struct JobRecord {
 
 fn sha256_hex(data: &[u8]) -> String {
     <sha2::Sha256 as sha2::Digest>::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn token_sha256(job_id: &str, token: &str) -> String {
+    sha256_hex(format!("{job_id}\n{token}").as_bytes())
 }
 
 impl JobRecord {
@@ -772,11 +777,10 @@ fn stored_checkpoint(store: &dyn CheckpointStore, step: u64) -> Result<(u64, Vec
 /// starts as `initial_state` says. Writes the record either way.
 fn open_job(cfg: &TrainConfig, mut spec: JobSpec, token: &str, store: &dyn CheckpointStore) -> Result<(Job, JobRecord), CoordError> {
     let config_sha256 = sha256_hex(spec.config_toml.as_bytes());
-    let token_sha256 = sha256_hex(token.as_bytes());
     let previous = JobRecord::read(&cfg.output_dir)?.filter(|r| r.config_sha256 == config_sha256 && r.total_steps == spec.total_steps);
     let (job, record) = match previous {
         Some(prev) => {
-            if prev.token_sha256 != token_sha256 {
+            if prev.token_sha256 != token_sha256(&prev.job_id, token) {
                 return Err(CoordError::Config(format!(
                     "{} holds job {} started with another token; its workers still send that one: pass the same --token (QDISTILL_TOKEN) to continue it, or pick another output_dir",
                     cfg.output_dir.display(),
@@ -803,7 +807,7 @@ fn open_job(cfg: &TrainConfig, mut spec: JobSpec, token: &str, store: &dyn Check
             let record = JobRecord {
                 job_id: spec.job_id.clone(),
                 config_sha256,
-                token_sha256,
+                token_sha256: token_sha256(&spec.job_id, token),
                 total_steps: spec.total_steps,
                 coordinator_starts: 1,
                 continuity: Continuity::default(),
