@@ -126,7 +126,9 @@ impl Client {
         let mut msg = format!("{}: {}", code_name(s.code()), s.message());
         // A TLS server answers a plaintext HTTP/2 preface with bytes that break the
         // connection, which reaches the caller as nothing more than a protocol error.
-        if self.url.starts_with("http://") && s.message().contains("h2 protocol error") {
+        // Depending on timing the same shows as a cancelled call or a reset connection.
+        let broken = ["h2 protocol error", "operation was canceled", "connection reset", "connection closed"];
+        if self.url.starts_with("http://") && broken.iter().any(|b| s.message().contains(b)) {
             msg.push_str(" (if the coordinator serves TLS, use an https:// URL and --tls-ca)");
         }
         CoordError::Rpc { url: self.url.clone(), msg }
