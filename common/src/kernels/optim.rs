@@ -117,7 +117,7 @@ impl std::fmt::Debug for DeviceMoments8bit {
 
 /// A device copy of `v`; an empty `v` gets one unused element, as a device buffer cannot
 /// be empty.
-fn upload<T: candle_core::cuda_backend::cudarc::driver::DeviceRepr + Default + Copy>(
+fn upload<T: candle_core::cuda_backend::cudarc::driver::DeviceRepr + Default + Copy + 'static>(
     dev: &CudaDevice,
     v: &[T],
 ) -> Result<CudaSlice<T>> {
@@ -125,7 +125,7 @@ fn upload<T: candle_core::cuda_backend::cudarc::driver::DeviceRepr + Default + C
 }
 
 /// The first `n` values of a device buffer (see [`upload`] for why it may hold one more).
-fn download<T: candle_core::cuda_backend::cudarc::driver::DeviceRepr + Default + Copy>(
+fn download<T: candle_core::cuda_backend::cudarc::driver::DeviceRepr + Default + Copy + 'static>(
     dev: &CudaDevice,
     d: &CudaSlice<T>,
     n: usize,
