@@ -241,20 +241,24 @@ enum Command {
         /// A system message before the first turn.
         #[arg(long)]
         system: Option<String>,
-        #[arg(long, default_value_t = 256)]
-        max_new_tokens: usize,
-        /// 0 = greedy (the most likely token); above 0 samples.
-        #[arg(long, default_value_t = 0.0)]
-        temperature: f64,
-        /// Nucleus sampling mass (1 = off).
-        #[arg(long, default_value_t = 1.0)]
-        top_p: f64,
-        /// Sample among the K most likely tokens (0 = off).
-        #[arg(long, default_value_t = 50)]
-        top_k: usize,
-        /// transformers' repetition_penalty (1 = off).
-        #[arg(long, default_value_t = 1.0)]
-        repetition_penalty: f64,
+        /// Tokens per reply [default: the model's generation_config.json (max_new_tokens,
+        /// else max_length for prompt + reply), else 256].
+        #[arg(long)]
+        max_new_tokens: Option<usize>,
+        /// 0 = greedy (the most likely token); above 0 samples [default: the model's
+        /// generation_config.json (its temperature when do_sample is true), else 0].
+        #[arg(long)]
+        temperature: Option<f64>,
+        /// Nucleus sampling mass, 1 = off [default: generation_config.json, else 1].
+        #[arg(long)]
+        top_p: Option<f64>,
+        /// Sample among the K most likely tokens, 0 = off [default: generation_config.json,
+        /// else 50].
+        #[arg(long)]
+        top_k: Option<usize>,
+        /// transformers' repetition_penalty, 1 = off [default: generation_config.json, else 1].
+        #[arg(long)]
+        repetition_penalty: Option<f64>,
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// Use the prompt text as is, without the tokenizer's chat template.
@@ -562,8 +566,14 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
                 prompt,
                 chat,
                 system,
-                max_new_tokens,
-                sampling: qdistill_common::generate::SamplingParams { temperature, top_k, top_p, repetition_penalty, seed },
+                generation: qdistill_common::generate::GenerationFlags {
+                    temperature,
+                    top_k,
+                    top_p,
+                    repetition_penalty,
+                    max_new_tokens,
+                    seed,
+                },
                 chat_template: !no_chat_template,
             };
             let stdin = std::io::stdin();

@@ -142,3 +142,96 @@ extern "C" __global__ void cast_f32_bf16(const float* __restrict__ src, __nv_bfl
 extern "C" __global__ void cast_f32_f16(const float* __restrict__ src, __half* __restrict__ dst, int64_t n) {
   cast_f32(src, dst, n);
 }
+
+// ---------------------------------------------------------------------------------------
+// AdamW with 8-bit block-wise moments (bitsandbytes' AdamW8bit), op for op as step_8bit in
+// common/src/optim.rs. One CUDA block per state block of at most 256 values of one
+// parameter tensor; `blocks` holds 4 int64 per block: first parameter, length, first state
+// value, absmax index (-1: the tensor keeps fp32 moments in exp_avg / exp_avg_sq).
+//
+// An 8-bit block dequantizes its codes (code * absmax), runs adamw_update, takes the
+// block's new absmax of each moment (a max, so exact in any reduction order) and stores
+// the code nearest to moment / absmax (ties to the lower code; a negative first moment
+// that rounds to the zero code moves one code down, keeping its sign, as bitsandbytes'
+// kernels do).
+constexpr int Q8_BLOCK = 256;
+
+__device__ __forceinline__ float block_max(float x, float* s) {
+  s[threadIdx.x] = x;
+  __syncthreads();
+  for (int half = Q8_BLOCK / 2; half > 0; half >>= 1) {
+    if (threadIdx.x < half) s[threadIdx.x] = fmaxf(s[threadIdx.x], s[threadIdx.x + half]);
+    __syncthreads();
+  }
+  const float m = s[0];
+  __syncthreads();
+  return m;
+}
+
+// The nearest of the 256 sorted codes to x, as nearest_code in common/src/optim8bit.rs:
+// the last code <= x (or the first), then its upper neighbour when strictly closer.
+__device__ __forceinline__ int nearest_code(const float* code, float x) {
+  int lo = 0, hi = 256;
+  while (lo < hi) {
+    const int mid = (lo + hi) >> 1;
+    if (code[mid] <= x) lo = mid + 1;
+    else hi = mid;
+  }
+  int idx = lo > 0 ? lo - 1 : 0;
+  if (idx < 255 && fabsf(__fsub_rn(x, code[idx + 1])) < fabsf(__fsub_rn(x, code[idx]))) idx += 1;
+  return idx;
+}
+
+extern "C" __global__ void __launch_bounds__(Q8_BLOCK) adamw_8bit_blockwise(
+    float* __restrict__ params,
+    const float* __restrict__ grads,
+    uint8_t* __restrict__ state1,
+    uint8_t* __restrict__ state2,
+    float* __restrict__ absmax1,
+    float* __restrict__ absmax2,
+    float* __restrict__ exp_avg,
+    float* __restrict__ exp_avg_sq,
+    const float* __restrict__ qmap1,
+    const float* __restrict__ qmap2,
+    const int64_t* __restrict__ blocks,
+    float grad_scale, float decay, float w1, float beta2, float w2, float bc2_sqrt, float eps, float step_size) {
+  __shared__ float code1[256], code2[256], red[Q8_BLOCK];
+  const int t = threadIdx.x;
+  code1[t] = qmap1[t];
+  code2[t] = qmap2[t];
+  const int64_t* b = blocks + 4 * (int64_t)blockIdx.x;
+  const int64_t param = b[0], len = b[1], state = b[2], a = b[3];
+  const bool active = t < len;
+  if (a < 0) {
+    // fp32 moments: uniform over the block, so leaving here skips no barrier.
+    if (active) {
+      adamw_update(params[param + t], exp_avg[state + t], exp_avg_sq[state + t], grads[param + t], grad_scale, decay,
+                   w1, beta2, w2, bc2_sqrt, eps, step_size);
+    }
+    return;
+  }
+  __syncthreads();  // the code books are in shared memory
+  float p = 0.f, m = 0.f, v = 0.f;
+  if (active) {
+    p = params[param + t];
+    m = __fmul_rn(code1[state1[state + t]], absmax1[a]);
+    v = __fmul_rn(code2[state2[state + t]], absmax2[a]);
+    adamw_update(p, m, v, grads[param + t], grad_scale, decay, w1, beta2, w2, bc2_sqrt, eps, step_size);
+  }
+  const float max1 = block_max(active ? fabsf(m) : 0.f, red);
+  const float max2 = block_max(active ? fabsf(v) : 0.f, red);
+  if (active) {
+    params[param + t] = p;
+    const float x1 = max1 > 0.f ? __fdiv_rn(m, max1) : 0.f;
+    int c1 = nearest_code(code1, x1);
+    if (x1 < 0.f && code1[c1] >= 0.f) c1 -= 1;
+    state1[state + t] = (uint8_t)c1;
+    const float x2 = max2 > 0.f ? __fdiv_rn(v, max2) : 0.f;
+    state2[state + t] = (uint8_t)nearest_code(code2, x2);
+  }
+  // Every thread read the old absmax before the first block_max barrier.
+  if (t == 0) {
+    absmax1[a] = max1;
+    absmax2[a] = max2;
+  }
+}

@@ -304,12 +304,27 @@ fn f32_bytes(name: &str, t: &Tensor) -> Result<TensorBytes> {
     Ok(TensorBytes { dtype: Dtype::F32, shape, bytes })
 }
 
+/// A u8 tensor's bytes as they are (8-bit optimizer codes).
+fn u8_bytes(name: &str, t: &Tensor) -> Result<TensorBytes> {
+    let bytes = t
+        .to_device(&Device::Cpu)
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1::<u8>())
+        .map_err(|e| Error::Msg(format!("tensor `{name}`: {e}")))?;
+    Ok(TensorBytes { dtype: Dtype::U8, shape: t.dims().to_vec(), bytes })
+}
+
 /// Writes tensors as f32 safetensors. Names must be unique.
 pub fn write_safetensors(
     path: &Path,
     tensors: &[(String, Tensor)],
     metadata: &HashMap<String, String>,
 ) -> Result<()> {
+    write_tensors(path, tensors, metadata, false)
+}
+
+/// Writes tensors as f32 safetensors, or (`keep_u8`) u8 tensors as u8 and the rest as f32.
+fn write_tensors(path: &Path, tensors: &[(String, Tensor)], metadata: &HashMap<String, String>, keep_u8: bool) -> Result<()> {
     let mut data: Vec<(String, TensorBytes)> = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
         if data.iter().any(|(n, _)| n == name) {
@@ -318,7 +333,8 @@ pub fn write_safetensors(
                 path.display()
             )));
         }
-        data.push((name.clone(), f32_bytes(name, t)?));
+        let bytes = if keep_u8 && t.dtype() == DType::U8 { u8_bytes(name, t)? } else { f32_bytes(name, t)? };
+        data.push((name.clone(), bytes));
     }
     let meta = if metadata.is_empty() {
         None
@@ -333,6 +349,11 @@ pub fn write_safetensors(
 /// Reads every tensor of a safetensors file as f32 on the CPU, sorted by name, with the
 /// header's metadata.
 pub fn read_safetensors(path: &Path) -> Result<(Vec<(String, Tensor)>, HashMap<String, String>)> {
+    read_tensors(path, false)
+}
+
+/// [`read_safetensors`], or (`keep_u8`) with u8 tensors read as u8.
+fn read_tensors(path: &Path, keep_u8: bool) -> Result<(Vec<(String, Tensor)>, HashMap<String, String>)> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| {
         Error::format(
@@ -346,6 +367,10 @@ pub fn read_safetensors(path: &Path) -> Result<(Vec<(String, Tensor)>, HashMap<S
     let mut out = Vec::with_capacity(st.len());
     for (name, view) in st.tensors() {
         let data = view.data();
+        if keep_u8 && view.dtype() == Dtype::U8 {
+            out.push((name, Tensor::from_vec(data.to_vec(), view.shape(), &Device::Cpu)?));
+            continue;
+        }
         let values: Vec<f32> = match view.dtype() {
             Dtype::F32 => data
                 .chunks_exact(4)
@@ -462,18 +487,20 @@ pub fn load_adapter(dir: &Path) -> Result<(AdapterConfig, Vec<(String, Tensor)>)
 // ---------------------------------------------------------------------------------------
 // Optimizer state
 
-/// Optimizer moments as f32 safetensors; `metadata` carries small scalars (step count,
-/// hyper-parameters) in the header.
+/// Optimizer state as safetensors: moments as f32, the codes of 8-bit moments as u8 (so an
+/// 8-bit optimizer's checkpoint stays a quarter of the fp32 one); `metadata` carries small
+/// scalars in the header.
 pub fn save_optimizer(
     path: &Path,
     tensors: &[(String, Tensor)],
     metadata: &HashMap<String, String>,
 ) -> Result<()> {
-    write_safetensors(path, tensors, metadata)
+    write_tensors(path, tensors, metadata, true)
 }
 
+/// Reads what [`save_optimizer`] wrote: u8 tensors as u8, the rest as f32.
 pub fn load_optimizer(path: &Path) -> Result<(Vec<(String, Tensor)>, HashMap<String, String>)> {
-    read_safetensors(path)
+    read_tensors(path, true)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1133,6 +1160,27 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("absent.safetensors"), "{e}");
+    }
+
+    #[test]
+    fn optimizer_codes_stay_bytes() {
+        let dev = Device::Cpu;
+        let codes: Vec<u8> = (0..=255).collect();
+        let tensors = vec![
+            ("state1".to_string(), Tensor::from_vec(codes.clone(), 256, &dev).unwrap()),
+            ("absmax1".to_string(), Tensor::new(&[0.5f32], &dev).unwrap()),
+        ];
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join(OPTIMIZER_NAME);
+        save_optimizer(&p, &tensors, &HashMap::new()).unwrap();
+        // One byte per code on disk: the header plus 256 + 4 bytes of data.
+        let header = u64::from_le_bytes(std::fs::read(&p).unwrap()[..8].try_into().unwrap()) as usize;
+        assert_eq!(std::fs::metadata(&p).unwrap().len() as usize, 8 + header + 256 + 4);
+        let (back, _) = load_optimizer(&p).unwrap();
+        assert_eq!(back[1].0, "state1");
+        assert_eq!(back[1].1.dtype(), DType::U8);
+        assert_eq!(back[1].1.to_vec1::<u8>().unwrap(), codes);
+        assert_eq!(back[0].1.dtype(), DType::F32);
     }
 
     fn listing(dir: &Path) -> Vec<String> {

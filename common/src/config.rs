@@ -100,6 +100,7 @@ const SECTIONS: &[(&str, &[&str])] = &[
             "max_grad_norm",
             "optim",
             "logging_steps",
+            "save_strategy",
             "save_steps",
             "save_total_limit",
             "eval_steps",
@@ -425,6 +426,8 @@ struct RawTraining {
     #[serde(skip_serializing_if = "Option::is_none")]
     logging_steps: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    save_strategy: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     save_steps: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     save_total_limit: Option<usize>,
@@ -617,12 +620,28 @@ pub enum LrSchedulerType {
     ConstantWithWarmup,
 }
 
-/// The optimizer. Only fp32 AdamW exists; HF's `adamw_torch`, `adamw_torch_fused` and
-/// `paged_adamw_32bit` all name it (the fused/paged variants differ only in how PyTorch
-/// launches kernels or pages memory, not in the update rule).
+/// The optimizer, by HF's `optim` names. The fused and paged variants differ from the
+/// plain ones only in how PyTorch launches kernels or bitsandbytes pages the state to host
+/// memory under pressure, not in the update rule, so they name the same optimizer here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Optim {
+    /// fp32 AdamW: `adamw_torch`, `adamw_torch_fused`, `paged_adamw_32bit`.
     AdamW,
+    /// AdamW with 8-bit block-wise moments, as bitsandbytes' AdamW8bit: `adamw_8bit`,
+    /// `adamw_bnb_8bit`, `paged_adamw_8bit`. About a quarter of the fp32 state.
+    AdamW8bit,
+}
+
+/// When checkpoints (`checkpoint-<step>/`: adapter, optimizer state, trainer state) are
+/// written, as HF's `save_strategy`. The final adapter always goes to `final_model/`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SaveStrategy {
+    /// Every `save_steps` optimizer steps (none when save_steps is 0).
+    Steps,
+    /// At the end of every epoch, the last one included: one adapter per epoch.
+    Epoch,
+    /// Never.
+    No,
 }
 
 /// HF's `resume_from_checkpoint`: `true` means the latest `checkpoint-N` in output_dir.
@@ -726,7 +745,8 @@ pub struct TrainingSection {
     pub max_grad_norm: f64,
     pub optim: Optim,
     pub logging_steps: usize,
-    /// 0 = save only at the end.
+    pub save_strategy: SaveStrategy,
+    /// With `save_strategy` "steps": 0 = save only at the end.
     pub save_steps: usize,
     pub save_total_limit: Option<usize>,
     /// None = evaluate only at the end (when there is eval data).
@@ -823,7 +843,12 @@ const OPTIMS: &[(&str, Optim)] = &[
     ("adamw_torch", Optim::AdamW),
     ("adamw_torch_fused", Optim::AdamW),
     ("paged_adamw_32bit", Optim::AdamW),
+    ("adamw_8bit", Optim::AdamW8bit),
+    ("adamw_bnb_8bit", Optim::AdamW8bit),
+    ("paged_adamw_8bit", Optim::AdamW8bit),
 ];
+const SAVE_STRATEGIES: &[(&str, SaveStrategy)] =
+    &[("steps", SaveStrategy::Steps), ("epoch", SaveStrategy::Epoch), ("no", SaveStrategy::No)];
 
 fn choose<T: Copy>(key: &str, value: &str, table: &[(&str, T)]) -> VResult<T> {
     if let Some((_, v)) = table.iter().find(|(s, _)| *s == value) {
@@ -1430,6 +1455,11 @@ fn validate(raw: RawConfig) -> VResult<TrainConfig> {
             OPTIMS,
         )?,
         logging_steps: positive_int("training.logging_steps", t.logging_steps.unwrap_or(10))?,
+        save_strategy: choose(
+            "training.save_strategy",
+            t.save_strategy.as_deref().unwrap_or("steps"),
+            SAVE_STRATEGIES,
+        )?,
         save_steps: t.save_steps.unwrap_or(0),
         save_total_limit: t.save_total_limit,
         eval_steps: t.eval_steps,
@@ -1791,6 +1821,7 @@ impl TrainConfig {
                 max_grad_norm: Some(tr.max_grad_norm),
                 optim: Some(name_of(tr.optim, OPTIMS).to_string()),
                 logging_steps: Some(tr.logging_steps),
+                save_strategy: Some(name_of(tr.save_strategy, SAVE_STRATEGIES).to_string()),
                 save_steps: Some(tr.save_steps),
                 save_total_limit: tr.save_total_limit,
                 eval_steps: tr.eval_steps,
@@ -2398,6 +2429,34 @@ training:
     }
 
     #[test]
+    fn optim_and_save_strategy_take_hf_and_bitsandbytes_names() {
+        let c = toml_cfg(MINIMAL).unwrap();
+        assert_eq!((c.training.optim, c.training.save_strategy), (Optim::AdamW, SaveStrategy::Steps));
+        for (name, want) in [
+            ("adamw_torch", Optim::AdamW),
+            ("adamw_torch_fused", Optim::AdamW),
+            ("paged_adamw_32bit", Optim::AdamW),
+            ("adamw_8bit", Optim::AdamW8bit),
+            ("adamw_bnb_8bit", Optim::AdamW8bit),
+            ("paged_adamw_8bit", Optim::AdamW8bit),
+        ] {
+            let c = toml_cfg(&minimal_plus("training", &format!("optim = \"{name}\""))).unwrap();
+            assert_eq!(c.training.optim, want, "{name}");
+            // The resolved config keeps the optimizer.
+            assert_eq!(toml_cfg(&c.to_toml_string().unwrap()).unwrap().training.optim, want, "{name}");
+        }
+        for (name, want) in [("steps", SaveStrategy::Steps), ("epoch", SaveStrategy::Epoch), ("no", SaveStrategy::No)] {
+            let c = toml_cfg(&minimal_plus("training", &format!("save_strategy = \"{name}\""))).unwrap();
+            assert_eq!(c.training.save_strategy, want, "{name}");
+            assert_eq!(toml_cfg(&c.to_toml_string().unwrap()).unwrap().training.save_strategy, want, "{name}");
+        }
+        let e = err_of(toml_cfg(&minimal_plus("training", "save_strategy = \"epochs\"")));
+        assert!(e.contains("`training.save_strategy`") && e.contains("did you mean \"epoch\""), "{e}");
+        let e = err_of(toml_cfg(&minimal_plus("training", "optim = \"paged_adamw8bit\"")));
+        assert!(e.contains("`training.optim`") && e.contains("did you mean \"paged_adamw_8bit\""), "{e}");
+    }
+
+    #[test]
     fn resolved_toml_loads_back_equal() {
         let variants = [
             MINIMAL.to_string(),
@@ -2567,7 +2626,8 @@ training:
                 "lr_scheduler_type = \"cosin\"",
                 "training.lr_scheduler_type",
             ),
-            ("training", "optim = \"adamw_8bit\"", "training.optim"),
+            ("training", "optim = \"adamw_4bit\"", "training.optim"),
+            ("training", "save_strategy = \"best\"", "training.save_strategy"),
             ("distill", "temperature = 0.0", "distill.temperature"),
             ("distill", "beta = 1.5", "distill.beta"),
             ("distill", "kd_weight = -1.0", "distill.kd_weight"),

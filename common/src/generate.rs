@@ -328,6 +328,150 @@ impl LogitsProcessor {
 }
 
 // ---------------------------------------------------------------------------------------
+// generation_config.json
+
+/// The generation defaults a model ships in `generation_config.json`, as transformers'
+/// `GenerationConfig` reads them; None where the file does not set a key.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GenerationConfig {
+    pub do_sample: Option<bool>,
+    pub temperature: Option<f64>,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f64>,
+    pub repetition_penalty: Option<f64>,
+    pub max_new_tokens: Option<usize>,
+    /// Prompt plus generated tokens; transformers ignores it when max_new_tokens is set.
+    pub max_length: Option<usize>,
+    /// One id or a list in the file; empty when absent.
+    pub eos_token_id: Vec<u32>,
+}
+
+/// The file name transformers reads generation defaults from.
+pub const GENERATION_CONFIG_NAME: &str = "generation_config.json";
+
+impl GenerationConfig {
+    /// `<model_dir>/generation_config.json`, or None when `model` is not a directory
+    /// (a GGUF file) or has no such file.
+    pub fn load(model: &Path) -> Result<Option<Self>> {
+        let path = model.join(GENERATION_CONFIG_NAME);
+        if !model.is_dir() || !path.exists() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        Self::parse(&text, &path).map(Some)
+    }
+
+    /// Parses the JSON text of `path` (named in errors). Unknown keys are ignored, as
+    /// transformers keeps them as attributes; `null` means not set.
+    pub fn parse(text: &str, path: &Path) -> Result<Self> {
+        let v: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| Error::format(path, format!("not valid JSON: {e}")))?;
+        let obj = v.as_object().ok_or_else(|| Error::format(path, "expected a JSON object"))?;
+        let get = |k: &str| obj.get(k).filter(|v| !v.is_null());
+        let bad = |k: &str, what: &str| Error::format(path, format!("`{k}` must be {what}, got {}", obj[k]));
+        let float = |k: &str| get(k).map(|v| v.as_f64().ok_or_else(|| bad(k, "a number"))).transpose();
+        let count = |k: &str| {
+            get(k).map(|v| v.as_u64().map(|n| n as usize).ok_or_else(|| bad(k, "a non-negative integer"))).transpose()
+        };
+        let token = |v: &serde_json::Value| v.as_u64().and_then(|n| u32::try_from(n).ok());
+        let eos_token_id = match get("eos_token_id") {
+            None => Vec::new(),
+            Some(serde_json::Value::Array(a)) => {
+                a.iter().map(|v| token(v).ok_or_else(|| bad("eos_token_id", "a token id or a list of them"))).collect::<Result<_>>()?
+            }
+            Some(v) => vec![token(v).ok_or_else(|| bad("eos_token_id", "a token id or a list of them"))?],
+        };
+        Ok(GenerationConfig {
+            do_sample: get("do_sample").map(|v| v.as_bool().ok_or_else(|| bad("do_sample", "true or false"))).transpose()?,
+            temperature: float("temperature")?,
+            top_k: count("top_k")?,
+            top_p: float("top_p")?,
+            repetition_penalty: float("repetition_penalty")?,
+            max_new_tokens: count("max_new_tokens")?,
+            max_length: count("max_length")?,
+            eos_token_id,
+        })
+    }
+}
+
+/// Generation settings given on the command line; None = take the model's
+/// generation_config.json, else the defaults.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct GenerationFlags {
+    pub temperature: Option<f64>,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f64>,
+    pub repetition_penalty: Option<f64>,
+    pub max_new_tokens: Option<usize>,
+    pub seed: u64,
+}
+
+/// New tokens when neither the command line nor generation_config.json limits them
+/// (transformers' own default, max_length 20 in all, is too short for a chat reply).
+pub const DEFAULT_MAX_NEW_TOKENS: usize = 256;
+
+/// How many tokens a reply may have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenLimit {
+    /// At most this many new tokens.
+    New(usize),
+    /// Prompt and reply together at most this long (generation_config's max_length).
+    Total(usize),
+}
+
+impl TokenLimit {
+    /// New tokens allowed after a context of `context` tokens: at least one, as transformers
+    /// generates one when the prompt already fills max_length.
+    pub fn new_tokens(&self, context: usize) -> usize {
+        match *self {
+            TokenLimit::New(n) => n,
+            TokenLimit::Total(n) => n.saturating_sub(context).max(1),
+        }
+    }
+}
+
+/// What `generate` runs with: command-line flags first, then the model's
+/// generation_config.json, then transformers' defaults.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResolvedGeneration {
+    pub sampling: SamplingParams,
+    pub limit: TokenLimit,
+    /// generation_config's eos_token_id: stop tokens besides the tokenizer's EOS and the
+    /// chat template's end of turn.
+    pub eos_token_id: Vec<u32>,
+}
+
+/// Resolves the generation settings as transformers does: the file's `do_sample = false`
+/// (or no `do_sample`) means greedy, which here is temperature 0; with `do_sample = true`
+/// the file's temperature applies (1 when absent). A `--temperature` flag decides on its
+/// own (0 greedy, above 0 sampling). `max_new_tokens` beats `max_length`, as in
+/// transformers.
+pub fn resolve_generation(flags: &GenerationFlags, file: Option<&GenerationConfig>) -> ResolvedGeneration {
+    let d = SamplingParams::default();
+    let gc = file.cloned().unwrap_or_default();
+    let temperature = flags.temperature.unwrap_or(match gc.do_sample {
+        Some(true) => gc.temperature.unwrap_or(1.0),
+        _ => 0.0,
+    });
+    let limit = match (flags.max_new_tokens.or(gc.max_new_tokens), gc.max_length) {
+        (Some(n), _) => TokenLimit::New(n),
+        (None, Some(total)) => TokenLimit::Total(total),
+        (None, None) => TokenLimit::New(DEFAULT_MAX_NEW_TOKENS),
+    };
+    ResolvedGeneration {
+        sampling: SamplingParams {
+            temperature,
+            top_k: flags.top_k.or(gc.top_k).unwrap_or(d.top_k),
+            top_p: flags.top_p.or(gc.top_p).unwrap_or(d.top_p),
+            repetition_penalty: flags.repetition_penalty.or(gc.repetition_penalty).unwrap_or(d.repetition_penalty),
+            seed: flags.seed,
+        },
+        limit,
+        eos_token_id: gc.eos_token_id,
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // Incremental generation
 
 #[derive(Debug, Clone)]
@@ -780,5 +924,93 @@ mod tests {
         let stops = stop_tokens(&tok, Some(&tpl)).unwrap();
         let im_end = tok.token_to_id("<|im_end|>").unwrap();
         assert!(stops.contains(&tok.eos_id) && stops.contains(&im_end), "{stops:?}");
+    }
+
+    fn gc_fixture(name: &str) -> std::path::PathBuf {
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/generate/generation_config").join(name)
+    }
+
+    /// Each Hub-style generation_config.json reads as transformers'
+    /// GenerationConfig.from_pretrained reads it, and with no flags resolves to its values,
+    /// else transformers' generate() defaults (greedy unless do_sample).
+    #[test]
+    fn generation_config_reads_and_resolves_like_transformers() {
+        let resolved: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(gc_fixture("resolved.json")).unwrap()).unwrap();
+        let defaults = &resolved["defaults"];
+        for name in ["qwen2.5-instruct", "llama3.2-instruct", "qwen2.5-base", "max-length"] {
+            let want = &resolved[name];
+            let gc = GenerationConfig::load(&gc_fixture(name)).unwrap().expect("the fixture has a generation_config.json");
+            let f = |k: &str| want[k].as_f64();
+            let u = |k: &str| want[k].as_u64().map(|n| n as usize);
+            assert_eq!(gc.do_sample, want["do_sample"].as_bool(), "{name}");
+            assert_eq!((gc.temperature, gc.top_p, gc.repetition_penalty), (f("temperature"), f("top_p"), f("repetition_penalty")), "{name}");
+            assert_eq!((gc.top_k, gc.max_new_tokens, gc.max_length), (u("top_k"), u("max_new_tokens"), u("max_length")), "{name}");
+            let eos: Vec<u32> = serde_json::from_value(want["eos_token_id"].clone()).unwrap();
+            assert_eq!(gc.eos_token_id, eos, "{name}");
+
+            let r = resolve_generation(&GenerationFlags::default(), Some(&gc));
+            let or_default = |k: &str| f(k).unwrap_or(defaults[k].as_f64().unwrap());
+            let sampling = want["do_sample"].as_bool().unwrap_or(defaults["do_sample"].as_bool().unwrap());
+            let t = if sampling { or_default("temperature") } else { 0.0 };
+            assert_eq!(r.sampling.temperature, t, "{name}: temperature");
+            assert_eq!(r.sampling.top_p, or_default("top_p"), "{name}: top_p");
+            assert_eq!(r.sampling.top_k as f64, or_default("top_k"), "{name}: top_k");
+            assert_eq!(r.sampling.repetition_penalty, or_default("repetition_penalty"), "{name}: repetition_penalty");
+            let limit = match (u("max_new_tokens"), u("max_length")) {
+                (Some(n), _) => TokenLimit::New(n),
+                (None, Some(n)) => TokenLimit::Total(n),
+                (None, None) => TokenLimit::New(DEFAULT_MAX_NEW_TOKENS),
+            };
+            assert_eq!(r.limit, limit, "{name}");
+            assert_eq!(r.eos_token_id, eos, "{name}");
+        }
+    }
+
+    #[test]
+    fn flags_override_generation_config() {
+        let gc = GenerationConfig::load(&gc_fixture("qwen2.5-instruct")).unwrap().unwrap();
+        let flags = GenerationFlags {
+            temperature: Some(0.0),
+            top_k: Some(5),
+            top_p: Some(0.5),
+            repetition_penalty: Some(1.3),
+            max_new_tokens: Some(7),
+            seed: 9,
+        };
+        let r = resolve_generation(&flags, Some(&gc));
+        assert_eq!(
+            r.sampling,
+            SamplingParams { temperature: 0.0, top_k: 5, top_p: 0.5, repetition_penalty: 1.3, seed: 9 }
+        );
+        assert_eq!(r.limit, TokenLimit::New(7));
+        // A greedy model file still samples when asked to.
+        let base = GenerationConfig::load(&gc_fixture("qwen2.5-base")).unwrap().unwrap();
+        let r = resolve_generation(&GenerationFlags { temperature: Some(0.8), ..Default::default() }, Some(&base));
+        assert_eq!((r.sampling.temperature, r.limit), (0.8, TokenLimit::New(2048)));
+        // --max-new-tokens beats the file's max_length.
+        let ml = GenerationConfig::load(&gc_fixture("max-length")).unwrap().unwrap();
+        let r = resolve_generation(&GenerationFlags { max_new_tokens: Some(3), ..Default::default() }, Some(&ml));
+        assert_eq!(r.limit, TokenLimit::New(3));
+        assert_eq!(resolve_generation(&GenerationFlags::default(), Some(&ml)).limit.new_tokens(60), 4);
+        assert_eq!(resolve_generation(&GenerationFlags::default(), Some(&ml)).limit.new_tokens(80), 1);
+        // No file: the documented defaults.
+        let r = resolve_generation(&GenerationFlags::default(), None);
+        assert_eq!((r.sampling, r.limit), (SamplingParams::default(), TokenLimit::New(DEFAULT_MAX_NEW_TOKENS)));
+    }
+
+    #[test]
+    fn bad_generation_config_is_named() {
+        let p = Path::new("model/generation_config.json");
+        let e = GenerationConfig::parse("{\"eos_token_id\": [2, \"x\"]}", p).unwrap_err().to_string();
+        assert!(e.contains("model/generation_config.json") && e.contains("eos_token_id"), "{e}");
+        let e = GenerationConfig::parse("{\"top_k\": -1}", p).unwrap_err().to_string();
+        assert!(e.contains("top_k"), "{e}");
+        let e = GenerationConfig::parse("{\"temperature\": 0.7", p).unwrap_err().to_string();
+        assert!(e.contains("not valid JSON"), "{e}");
+        // null is "not set", as transformers writes unset values.
+        assert_eq!(GenerationConfig::parse("{\"top_k\": null, \"eos_token_id\": 7}", p).unwrap().eos_token_id, vec![7]);
+        // A model given as a file (GGUF) has no generation_config.json.
+        assert_eq!(GenerationConfig::load(&gc_fixture("resolved.json")).unwrap(), None);
     }
 }

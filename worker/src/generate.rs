@@ -9,8 +9,8 @@ use candle_core::{DType, Device};
 use qdistill_common::chat_template::{ChatTemplate, Message};
 use qdistill_common::config;
 use qdistill_common::generate::{
-    attach_adapter, encode_prompt, stop_tokens, GenerateOptions, Generation, LogitsProcessor, SamplingParams, Session,
-    TextStream,
+    attach_adapter, encode_prompt, resolve_generation, stop_tokens, GenerateOptions, Generation, GenerationConfig,
+    GenerationFlags, LogitsProcessor, Session, TextStream,
 };
 use qdistill_common::lora::{LoraParams, LoraTensors};
 use qdistill_common::model::Model;
@@ -102,8 +102,9 @@ pub struct GenerateArgs {
     /// Read user turns from the input until it ends, keeping the conversation.
     pub chat: bool,
     pub system: Option<String>,
-    pub max_new_tokens: usize,
-    pub sampling: SamplingParams,
+    /// Sampling and length as given on the command line; what is not given comes from the
+    /// model's generation_config.json, else transformers' defaults.
+    pub generation: GenerationFlags,
     /// Render prompts with the tokenizer's chat template (off: the prompt text as is).
     pub chat_template: bool,
 }
@@ -117,8 +118,17 @@ pub fn run_generate(
     out: &mut dyn Write,
     prompt_out: &mut dyn Write,
 ) -> anyhow::Result<Vec<Generation>> {
-    let mut sampler = LogitsProcessor::new(args.sampling)?;
     let m = load_for_inference(&args.model)?;
+    let file = GenerationConfig::load(&m.path)?;
+    let resolved = resolve_generation(&args.generation, file.as_ref());
+    if file.is_some() {
+        tracing::info!(
+            file = %m.path.join(qdistill_common::generate::GENERATION_CONFIG_NAME).display(),
+            sampling = ?resolved.sampling, limit = ?resolved.limit, eos = ?resolved.eos_token_id,
+            "generation defaults from the model (flags override)"
+        );
+    }
+    let mut sampler = LogitsProcessor::new(resolved.sampling)?;
     let tok = &m.tokenizer;
     let template = if args.chat_template { ChatTemplate::from_tokenizer(tok)? } else { None };
     if template.is_none() {
@@ -130,7 +140,9 @@ pub fn run_generate(
             bail!("--system needs a chat template ({why})");
         }
     }
-    let opts = GenerateOptions { max_new_tokens: args.max_new_tokens, stop_tokens: stop_tokens(tok, template.as_ref())? };
+    let mut stops = stop_tokens(tok, template.as_ref())?;
+    stops.extend(resolved.eos_token_id.iter().filter(|id| !stops.contains(id)).collect::<Vec<_>>());
+    let mut opts = GenerateOptions { max_new_tokens: 0, stop_tokens: stops };
     let mut session = Session::new(&m.model, m.lora()?);
     let mut history: Vec<Message> = args.system.iter().map(|s| Message::new("system", s.clone())).collect();
     let mut replies = Vec::new();
@@ -141,6 +153,7 @@ pub fn run_generate(
             None => user.to_string(),
         };
         let ids = encode_prompt(tok, &text)?;
+        opts.max_new_tokens = resolved.limit.new_tokens(ids.len());
         let mut stream = TextStream::new(tok);
         let g = session.generate(&ids, &opts, &mut sampler, |id| {
             if let Some(piece) = stream.push(id)? {
@@ -201,4 +214,100 @@ pub fn run_generate(
         }
     }
     Ok(replies)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use qdistill_common::generate::StopReason;
+    use serde_json::json;
+
+    /// The tiny Llama fixture (vocabulary 256) with a byte-level tokenizer that fills it
+    /// (three specials, then bytes 0..=252), no chat template, and `generation_config`
+    /// as its generation_config.json when given.
+    fn tiny_model(dir: &Path, generation_config: Option<serde_json::Value>) -> PathBuf {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models/llama");
+        for f in ["config.json", "model.safetensors"] {
+            std::fs::copy(src.join(f), dir.join(f)).unwrap();
+        }
+        let printable = |x: u32| (33..=126).contains(&x) || (161..=172).contains(&x) || (174..=255).contains(&x);
+        let byte_char = |b: u32| {
+            if printable(b) {
+                char::from_u32(b).unwrap()
+            } else {
+                char::from_u32(256 + (0..b).filter(|&x| !printable(x)).count() as u32).unwrap()
+            }
+        };
+        let specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
+        let mut vocab = serde_json::Map::new();
+        for (i, s) in specials.iter().enumerate() {
+            vocab.insert(s.to_string(), json!(i));
+        }
+        for b in 0..=252u32 {
+            vocab.insert(byte_char(b).to_string(), json!(3 + b));
+        }
+        let added: Vec<serde_json::Value> = specials
+            .iter()
+            .enumerate()
+            .map(|(i, s)| json!({"id": i, "content": s, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}))
+            .collect();
+        let tok = json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": added, "normalizer": null,
+            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+            "post_processor": null,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                      "fuse_unk": false, "byte_fallback": false, "ignore_merges": false, "vocab": vocab, "merges": []}
+        });
+        std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();
+        let cfg = json!({"eos_token": "<|endoftext|>", "bos_token": null, "add_bos_token": false});
+        std::fs::write(dir.join("tokenizer_config.json"), cfg.to_string()).unwrap();
+        if let Some(gc) = generation_config {
+            std::fs::write(dir.join("generation_config.json"), gc.to_string()).unwrap();
+        }
+        dir.to_path_buf()
+    }
+
+    fn generate(model: &Path, flags: GenerationFlags) -> Generation {
+        let args = GenerateArgs {
+            model: ModelArgs { model: model.display().to_string(), adapter: None, device: "cpu".into(), dtype: "f32".into(), nf4: false },
+            prompt: Some("The cat sat on".into()),
+            chat: false,
+            system: None,
+            generation: flags,
+            chat_template: false,
+        };
+        let (mut out, mut marker) = (Vec::new(), Vec::new());
+        let mut replies = run_generate(&args, &mut std::io::empty(), &mut out, &mut marker).unwrap();
+        assert_eq!(replies.len(), 1);
+        replies.remove(0)
+    }
+
+    /// The reference is greedy decoding of the same model without a generation_config.json
+    /// (flags fixing the length); a file that limits the length or lists an extra EOS id
+    /// must cut that same token stream where it says, and flags must beat the file.
+    #[test]
+    fn generation_config_sets_length_and_stop_tokens_and_flags_override_it() {
+        let dirs: Vec<tempfile::TempDir> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+        let plain = tiny_model(dirs[0].path(), None);
+        let reference = generate(&plain, GenerationFlags { max_new_tokens: Some(6), ..Default::default() });
+        assert_eq!(reference.stop, StopReason::MaxNewTokens, "the reference must run its full length: {reference:?}");
+        let t = &reference.tokens;
+        // The second token, if new in the sequence, is the earliest place an EOS list can cut.
+        let cut = (1..t.len()).find(|&k| !t[..k].contains(&t[k])).expect("the greedy stream repeats one token");
+
+        let limited = tiny_model(dirs[1].path(), Some(json!({"max_new_tokens": 3, "do_sample": false})));
+        assert_eq!(generate(&limited, GenerationFlags::default()).tokens, t[..3]);
+        let overridden = generate(&limited, GenerationFlags { max_new_tokens: Some(5), ..Default::default() });
+        assert_eq!(overridden.tokens, t[..5], "--max-new-tokens must beat the file");
+
+        let eos = tiny_model(dirs[2].path(), Some(json!({"eos_token_id": [0, t[cut]], "max_new_tokens": 6})));
+        let g = generate(&eos, GenerationFlags::default());
+        assert_eq!((g.tokens.as_slice(), g.stop), (&t[..cut], StopReason::StopToken(t[cut])));
+
+        // max_length counts the prompt: a prompt of P tokens leaves max_length − P.
+        let p = reference.context_tokens;
+        let total = tiny_model(dirs[3].path(), Some(json!({"max_length": p + 4})));
+        assert_eq!(generate(&total, GenerationFlags::default()).tokens, t[..4]);
+    }
 }

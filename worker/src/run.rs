@@ -16,11 +16,13 @@ use qdistill_common::checkpoint::{
 };
 use qdistill_common::data::{Batcher, DataCursor};
 use qdistill_common::config::{
-    self, ComputeDtype, DistillLoss, LrSchedulerType, Quantization, ReportTo, ResumeFromCheckpoint, TeacherMode, TrainConfig,
+    self, ComputeDtype, DistillLoss, LrSchedulerType, Optim, Quantization, ReportTo, ResumeFromCheckpoint, SaveStrategy,
+    TeacherMode, TrainConfig,
 };
 use qdistill_common::lora::{LoraGrads, LoraParams, LoraSpec};
 use qdistill_common::loss::{KdLoss, LossConfig};
 use qdistill_common::optim::{lr_at, AdamW, AdamWConfig, SchedulerType};
+use qdistill_common::optim8bit::MIN_8BIT_SIZE;
 use qdistill_common::tensorboard::EventWriter;
 use qdistill_common::tokenizer::check_same_tokenizer;
 
@@ -44,6 +46,8 @@ pub struct TrainSummary {
     pub last_loss: f64,
     pub output: PathBuf,
     pub base_bytes: usize,
+    /// Optimizer state (AdamW moments; 8-bit codes and absmax with `adamw_8bit`).
+    pub optimizer_state_bytes: usize,
 }
 
 impl TrainSummary {
@@ -57,6 +61,7 @@ impl TrainSummary {
             "train_loss": self.last_loss,
             "eval_before": eval(&self.eval_before), "eval_after": eval(&self.eval_after),
             "rehearsal_before": eval(&self.rehearsal_before), "rehearsal_after": eval(&self.rehearsal_after),
+            "optimizer_state_bytes": self.optimizer_state_bytes,
         })
     }
 
@@ -71,6 +76,7 @@ impl TrainSummary {
             self.tokens as f64 / self.seconds.max(1e-9)
         ));
         s.push_str(&format!("student base weights in memory: {:.1} MiB\n", self.base_bytes as f64 / (1 << 20) as f64));
+        s.push_str(&format!("optimizer state: {:.2} MiB\n", self.optimizer_state_bytes as f64 / (1 << 20) as f64));
         let mut rows = Vec::new();
         if let (Some(b), Some(a)) = (&self.eval_before, &self.eval_after) {
             rows.push(("held-out", b, a));
@@ -191,10 +197,17 @@ pub fn prepare(cfg: &TrainConfig) -> anyhow::Result<Prepared> {
         loss.kd_weight = 0.0;
     }
     let t = &cfg.training;
-    let opt = AdamW::new(
-        params.len(),
-        AdamWConfig { beta1: t.adam_beta1, beta2: t.adam_beta2, eps: t.adam_epsilon, weight_decay: t.weight_decay },
-    );
+    let adamw = AdamWConfig { beta1: t.adam_beta1, beta2: t.adam_beta2, eps: t.adam_epsilon, weight_decay: t.weight_decay };
+    let opt = match t.optim {
+        Optim::AdamW => AdamW::new(params.len(), adamw),
+        Optim::AdamW8bit => {
+            // bitsandbytes quantizes each parameter tensor on its own: lora_A [r, in], lora_B [out, r].
+            let r = params.spec.r;
+            let lens: Vec<usize> = params.entries.iter().flat_map(|e| [r * e.in_features, e.out_features * r]).collect();
+            AdamW::new_8bit(&lens, MIN_8BIT_SIZE, adamw)
+        }
+    };
+    tracing::info!(optim = ?t.optim, state_bytes = opt.state_bytes(), params = params.len(), "optimizer");
     let grads = LoraGrads::zeros(&params);
     Ok(Prepared {
         student: Student { model: student.model, params, grads, opt, loss, checkpointing: t.gradient_checkpointing },
@@ -295,6 +308,7 @@ pub fn train(config_path: &Path, overrides: &[String], progress: bool) -> anyhow
     let mut tokens = 0usize;
     metrics::get().inspect(|m| m.start_steps());
     for step in start_step..total_steps {
+        let epoch_at_start = stream.cursor().epoch;
         let _step_span = tracing::info_span!(target: PHASE_TARGET, "step", step = step + 1).entered();
         let mut samples = 0;
         let micro: Vec<DeviceBatch> = {
@@ -359,7 +373,15 @@ pub fn train(config_path: &Path, overrides: &[String], progress: bool) -> anyhow
                 tb_eval(tb, step + 1, "eval", e.as_ref())?;
             }
         }
-        if t.save_steps > 0 && (step + 1) % t.save_steps == 0 && step + 1 < total_steps {
+        // HF's save_strategy: "epoch" saves when a step has used the last batch of an epoch
+        // (the final one too: one adapter per epoch); "steps" every save_steps, where the
+        // last step needs none as final_model follows.
+        let save = match t.save_strategy {
+            SaveStrategy::Steps => t.save_steps > 0 && (step + 1) % t.save_steps == 0 && step + 1 < total_steps,
+            SaveStrategy::Epoch => stream.cursor().epoch > epoch_at_start,
+            SaveStrategy::No => false,
+        };
+        if save {
             let ckpt = Checkpoint { cfg: &cfg, adapter_cfg: &adapter_cfg, resolved: &resolved, total_steps };
             let dir = tracing::info_span!(target: PHASE_TARGET, "checkpoint").in_scope(|| ckpt.save(&student, step + 1, stream.cursor(), &log_history))?;
             metrics::get().inspect(|m| m.record_checkpoint());
@@ -394,6 +416,7 @@ pub fn train(config_path: &Path, overrides: &[String], progress: bool) -> anyhow
         target_tokens,
         output: out,
         base_bytes: student.model.base_memory_bytes(),
+        optimizer_state_bytes: student.opt.state_bytes(),
     };
     let results = cfg.output_dir.join("all_results.json");
     let text = serde_json::to_string_pretty(&summary.results_json())?;

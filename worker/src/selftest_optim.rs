@@ -43,6 +43,10 @@ pub fn optim_checks(device: &Device, fixtures: &Path) -> Vec<Check> {
         out.push((name, res));
     };
     run("optim: AdamW kernel vs host AdamW (6 steps, weight decay, clipping, state reload)".into(), &|| check_adamw(device));
+    run(
+        "optim: 8-bit AdamW kernel vs host 8-bit AdamW (6 steps, fp32 + 8-bit tensors, clipping, state reload)".into(),
+        &|| check_adamw_8bit(device),
+    );
     run("optim: grad norm kernel vs host f64 norm".into(), &|| check_norm(device));
     for dtype in [DType::BF16, DType::F16, DType::F32] {
         run(format!("optim: LoRA grad GEMM {dtype:?} vs f64 xᵀ·y"), &|| check_gemm(device, dtype));
@@ -149,6 +153,88 @@ fn check_adamw(device: &Device) -> anyhow::Result<(bool, String)> {
             bitwise_equal(&p_got, &p_host),
             bitwise_equal(&m_got, host.exp_avg()),
             bitwise_equal(&v_got, host.exp_avg_sq()),
+        ),
+    ))
+}
+
+/// Six steps of AdamW with 8-bit moments on the device and on the host, over parameter
+/// tensors that exercise every case of the layout: below min_8bit_size (fp32 moments), a
+/// multiple of the 256-value block, and partial last blocks; clipping on some steps, a
+/// zero-lr first step, exact-zero gradients, and a reload of the device state from its
+/// checkpoint tensors halfway. The kernel does the host's f32 operations in the host's
+/// order and the same nearest-code search, so parameters, codes, absmax and fp32 moments
+/// must agree bitwise.
+fn check_adamw_8bit(device: &Device) -> anyhow::Result<(bool, String)> {
+    use qdistill_common::optim8bit::MIN_8BIT_SIZE;
+    let dev = cuda_device(device)?;
+    let lens = [300, 65_536, 4096, 5000, 1000, 70_001];
+    let n: usize = lens.iter().sum();
+    let config = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 };
+    let mut rng = ChaCha8Rng::seed_from_u64(12);
+    let mut p_host: Vec<f32> = (0..n).map(|_| rng.random_range(-0.1f32..0.1)).collect();
+    let mut p_dev = dev.clone_htod(&p_host)?;
+    let mut g_dev = dev.alloc_zeros::<f32>(n)?;
+    let mut host = AdamW::new_8bit(&lens, MIN_8BIT_SIZE, config);
+    let mut gpu = AdamW::new_8bit(&lens, MIN_8BIT_SIZE, config);
+    gpu.make_resident(device)?;
+    let scales = [1e-4f32, 1.0, 5e-5, 10.0, 3e-5, 0.5];
+    let total = scales.len() as u64;
+    let mut clipped = 0;
+    for (step, &scale) in scales.iter().enumerate() {
+        // Magnitudes spread over four decades within each block, so codes across the map
+        // are used.
+        let mut g: Vec<f32> = (0..n).map(|i| scale * rng.random_range(-1f32..1.0) * 10f32.powi(-((i % 5) as i32))).collect();
+        for x in g.iter_mut().step_by(97) {
+            *x = 0.0;
+        }
+        let lr = lr_at(SchedulerType::Linear, 1e-3, step as u64, 1, total);
+        dev.memcpy_htod(&g, &mut g_dev)?;
+        let norm = clip_grad_norm(&mut g, 1.0);
+        let coef = clip_coef(sum_of_squares(dev, &g_dev)?.sqrt(), 1.0);
+        if coef != clip_coef(norm, 1.0) {
+            return Ok((false, format!("step {step}: clipping factor {coef} on the device vs {} on the host", clip_coef(norm, 1.0))));
+        }
+        clipped += usize::from(coef < 1.0);
+        host.step(&mut p_host, &g, lr)?;
+        gpu.step_cuda(&mut p_dev, &g_dev, lr, coef)?;
+        if step == 2 {
+            let state: HashMap<String, Tensor> = gpu.state_tensors()?.into_iter().collect();
+            gpu = AdamW::new_8bit(&lens, MIN_8BIT_SIZE, config);
+            gpu.make_resident(device)?;
+            gpu.load_state(&state, Path::new("device 8-bit AdamW state"))?;
+        }
+    }
+    let p_got = dev.clone_dtoh(&p_dev)?;
+    let state: HashMap<String, Tensor> = gpu.state_tensors()?.into_iter().collect();
+    let want = host.moments_8bit().ok_or_else(|| anyhow!("the host optimizer has no 8-bit state"))?;
+    let bytes = |name: &str| -> anyhow::Result<Vec<u8>> {
+        Ok(state.get(name).ok_or_else(|| anyhow!("no {name} in the device state"))?.to_vec1::<u8>()?)
+    };
+    let floats = |name: &str| -> anyhow::Result<Vec<f32>> {
+        Ok(state.get(name).ok_or_else(|| anyhow!("no {name} in the device state"))?.to_vec1::<f32>()?)
+    };
+    let code_diff = |a: &[u8], b: &[u8]| a.iter().zip(b).filter(|(x, y)| x != y).count() + a.len().abs_diff(b.len());
+    let f32_diff = |a: &[f32], b: &[f32]| a.len().max(b.len()) - bitwise_equal(a, b);
+    let d_p = f32_diff(&p_got, &p_host);
+    let (d_s1, d_s2) = (code_diff(&bytes("state1")?, &want.state1), code_diff(&bytes("state2")?, &want.state2));
+    let (d_a1, d_a2) = (f32_diff(&floats("absmax1")?, &want.absmax1), f32_diff(&floats("absmax2")?, &want.absmax2));
+    let (d_m, d_v) = (f32_diff(&floats("exp_avg")?, &want.exp_avg), f32_diff(&floats("exp_avg_sq")?, &want.exp_avg_sq));
+    let e_p = max_rel(&p_got, &p_host)?;
+    let pass = d_p + d_s1 + d_s2 + d_a1 + d_a2 + d_m + d_v == 0
+        && gpu.step_count() == host.step_count()
+        && clipped > 0
+        && clipped < scales.len();
+    Ok((
+        pass,
+        format!(
+            "n={n} in tensors {lens:?} ({} 8-bit values, {} blocks), {clipped}/{} steps clipped, step count {} vs {}; \
+             values differing from the host (all must be 0): params {d_p} (max rel err {e_p:.1e}), state1 codes {d_s1}, \
+             state2 codes {d_s2}, absmax1 {d_a1}, absmax2 {d_a2}, fp32 exp_avg {d_m}, fp32 exp_avg_sq {d_v}",
+            want.layout.n_8bit,
+            want.layout.n_absmax,
+            scales.len(),
+            gpu.step_count(),
+            host.step_count(),
         ),
     ))
 }

@@ -2,6 +2,8 @@
 //! over the flat fp32 buffers that hold every LoRA parameter, gradient and AdamW moment:
 //!
 //! - [`adamw_step`]: torch.optim.AdamW, bitwise the host's `AdamW::step` for equal inputs;
+//! - [`adamw_8bit_step`]: the same with bitsandbytes' 8-bit block-wise moments, bitwise
+//!   the host's 8-bit step;
 //! - [`sum_of_squares`]: the global gradient norm, in f64, in a fixed order (deterministic);
 //! - [`cast_f32_into`]: fp32 master weights into the compute-dtype tensor the forward reads;
 //! - [`gemm_tn_accumulate`]: `acc[slice] += alpha·xᵀ·y` by cuBLAS straight into a slice of
@@ -87,6 +89,146 @@ pub fn adamw_step(
     // f32 each (checked above) and are whole allocations, so 16-byte aligned for its float4
     // accesses.
     unsafe { b.launch(elementwise_grid(n)?) }.w()?;
+    Ok(())
+}
+
+/// The 8-bit AdamW state on a device: what [`crate::optim8bit::Moments8bit`] holds on the
+/// host, plus the block table the kernel walks (4 int64 per block: first parameter, length,
+/// first state value, absmax index or -1 for fp32 moments).
+pub struct DeviceMoments8bit {
+    state1: CudaSlice<u8>,
+    state2: CudaSlice<u8>,
+    absmax1: CudaSlice<f32>,
+    absmax2: CudaSlice<f32>,
+    exp_avg: CudaSlice<f32>,
+    exp_avg_sq: CudaSlice<f32>,
+    qmap1: CudaSlice<f32>,
+    qmap2: CudaSlice<f32>,
+    blocks: CudaSlice<i64>,
+    n_blocks: usize,
+    num_params: usize,
+}
+
+impl std::fmt::Debug for DeviceMoments8bit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DeviceMoments8bit({} values, {} blocks)", self.num_params, self.n_blocks)
+    }
+}
+
+/// A device copy of `v`; an empty `v` gets one unused element, as a device buffer cannot
+/// be empty.
+fn upload<T: candle_core::cuda_backend::cudarc::driver::DeviceRepr + Default + Copy + 'static>(
+    dev: &CudaDevice,
+    v: &[T],
+) -> Result<CudaSlice<T>> {
+    Ok(if v.is_empty() { dev.clone_htod(&[T::default()])? } else { dev.clone_htod(v)? })
+}
+
+/// The first `n` values of a device buffer (see [`upload`] for why it may hold one more).
+fn download<T: candle_core::cuda_backend::cudarc::driver::DeviceRepr + Default + Copy + 'static>(
+    dev: &CudaDevice,
+    d: &CudaSlice<T>,
+    n: usize,
+) -> Result<Vec<T>> {
+    let mut v = dev.clone_dtoh(d)?;
+    v.truncate(n);
+    Ok(v)
+}
+
+impl DeviceMoments8bit {
+    /// Uploads the host state `q`.
+    pub fn upload(dev: &CudaDevice, q: &crate::optim8bit::Moments8bit) -> Result<Self> {
+        q.check_sizes("the host")?;
+        let l = &q.layout;
+        let table: Vec<i64> = l
+            .blocks
+            .iter()
+            .flat_map(|b| [b.param as i64, b.len as i64, b.state as i64, b.absmax.map_or(-1, |a| a as i64)])
+            .collect();
+        Ok(DeviceMoments8bit {
+            state1: upload(dev, &q.state1)?,
+            state2: upload(dev, &q.state2)?,
+            absmax1: upload(dev, &q.absmax1)?,
+            absmax2: upload(dev, &q.absmax2)?,
+            exp_avg: upload(dev, &q.exp_avg)?,
+            exp_avg_sq: upload(dev, &q.exp_avg_sq)?,
+            qmap1: dev.clone_htod(&q.qmap1)?,
+            qmap2: dev.clone_htod(&q.qmap2)?,
+            blocks: upload(dev, &table)?,
+            n_blocks: l.blocks.len(),
+            num_params: l.num_params(),
+        })
+    }
+
+    /// The state as host buffers, with the layout and code books of `like`.
+    pub fn download(&self, dev: &CudaDevice, like: &crate::optim8bit::Moments8bit) -> Result<crate::optim8bit::Moments8bit> {
+        let l = &like.layout;
+        Ok(crate::optim8bit::Moments8bit {
+            layout: l.clone(),
+            qmap1: like.qmap1,
+            qmap2: like.qmap2,
+            state1: download(dev, &self.state1, l.n_8bit)?,
+            state2: download(dev, &self.state2, l.n_8bit)?,
+            absmax1: download(dev, &self.absmax1, l.n_absmax)?,
+            absmax2: download(dev, &self.absmax2, l.n_absmax)?,
+            exp_avg: download(dev, &self.exp_avg, l.n_fp32)?,
+            exp_avg_sq: download(dev, &self.exp_avg_sq, l.n_fp32)?,
+        })
+    }
+
+    /// Overwrites the device state with `q` (same layout).
+    pub fn load(&mut self, dev: &CudaDevice, q: &crate::optim8bit::Moments8bit) -> Result<()> {
+        q.check_sizes("a checkpoint")?;
+        *self = Self::upload(dev, q)?;
+        Ok(())
+    }
+}
+
+/// One AdamW step with 8-bit moments over the device-resident `params` (kernel
+/// `adamw_8bit_blockwise`): bitwise the host `AdamW::step` with 8-bit state for equal
+/// inputs, gradients scaled by `s.grad_scale` as they are read.
+pub fn adamw_8bit_step(
+    dev: &CudaDevice,
+    params: &mut CudaSlice<f32>,
+    grads: &CudaSlice<f32>,
+    q: &mut DeviceMoments8bit,
+    s: &AdamWScalars,
+) -> Result<()> {
+    let n = q.num_params;
+    same_len("the parameter buffer", params.len(), n)?;
+    same_len("the gradient buffer", grads.len(), n)?;
+    if q.n_blocks == 0 {
+        return Ok(());
+    }
+    let func = dev.get_or_load_custom_func("adamw_8bit_blockwise", OPTIM_MODULE, OPTIM_PTX)?;
+    let mut b = func.builder();
+    b.arg(params);
+    b.arg(grads);
+    b.arg(&mut q.state1);
+    b.arg(&mut q.state2);
+    b.arg(&mut q.absmax1);
+    b.arg(&mut q.absmax2);
+    b.arg(&mut q.exp_avg);
+    b.arg(&mut q.exp_avg_sq);
+    b.arg(&q.qmap1);
+    b.arg(&q.qmap2);
+    b.arg(&q.blocks);
+    b.arg(&s.grad_scale);
+    b.arg(&s.decay);
+    b.arg(&s.w1);
+    b.arg(&s.beta2);
+    b.arg(&s.w2);
+    b.arg(&s.bias_correction2_sqrt);
+    b.arg(&s.eps);
+    b.arg(&s.step_size);
+    let blocks = u32::try_from(q.n_blocks)
+        .map_err(|_| Error::Msg(format!("8-bit AdamW on CUDA: {} blocks is too many for one launch", q.n_blocks)))?;
+    let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: argument order and types match adamw_8bit_blockwise in optim.cu, launched with
+    // THREADS = Q8_BLOCK threads; the block table was built from the layout these buffers
+    // were sized by (upload checks the sizes), so every index it yields is in bounds, and
+    // params/grads hold the layout's num_params values (checked above).
+    unsafe { b.launch(cfg) }.w()?;
     Ok(())
 }
 
