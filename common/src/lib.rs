@@ -21,6 +21,7 @@ pub mod model;
 pub mod nf4;
 pub mod ops;
 pub mod optim;
+pub mod teacher_cache;
 pub mod tensorboard;
 pub mod tokenizer;
 pub mod weights;
