@@ -6,6 +6,7 @@ pub mod cluster;
 pub mod data_plan;
 pub mod eval;
 pub mod generate;
+pub mod gkd;
 pub mod models;
 pub mod run;
 #[cfg(feature = "cuda")]
@@ -14,4 +15,5 @@ pub mod selftest_flash;
 pub mod selftest_fused;
 #[cfg(feature = "cuda")]
 pub mod selftest_optim;
+pub mod teacher_cache;
 pub mod trainer;
