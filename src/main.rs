@@ -73,6 +73,27 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         dump: Option<PathBuf>,
     },
+    /// Run the teacher once over a job's whole training stream and store its top-K
+    /// log-probabilities (sharded, checksummed); `train` with `teacher.cache = "DIR"` then
+    /// reads them instead of loading the teacher.
+    ///
+    /// The config is the training job's own, with `teacher.output = "topk:K"` (and
+    /// `teacher.topk_dtype`, default float16). An interrupted build continues where it
+    /// stopped when run again with the same config and --out.
+    TeacherCache {
+        config: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// The cache directory (created; an interrupted build there is continued).
+        #[arg(long)]
+        out: PathBuf,
+        /// Largest shard file ("2GB", "500MB", bytes); a shard holds whole micro-batches.
+        #[arg(long, default_value = "2GB")]
+        max_shard_size: String,
+        /// Hide the progress bar.
+        #[arg(long)]
+        no_progress: bool,
+    },
     /// Serve a job as the cluster coordinator: plans shards and roles, tracks leases,
     /// commits steps, stores checkpoints, re-forms the group when a worker dies.
     Coordinator {
@@ -396,6 +417,16 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
             }
             let summary = qdistill_worker::run::train(&config, &overrides, !no_progress)
                 .with_context(|| format!("training with {}", config.display()))?;
+            println!("{}", summary.table());
+            Ok(())
+        }
+        Command::TeacherCache { config, overrides, out, max_shard_size, no_progress } => {
+            let opts = qdistill_worker::teacher_cache::CacheOptions {
+                max_shard_bytes: qdistill_common::merge::parse_size(&max_shard_size)?,
+                progress: !no_progress,
+            };
+            let summary = qdistill_worker::teacher_cache::build_cache(&config, &overrides, &out, &opts)
+                .with_context(|| format!("building the teacher cache of {} in {}", config.display(), out.display()))?;
             println!("{}", summary.table());
             Ok(())
         }

@@ -22,6 +22,7 @@ pub mod nf4;
 pub mod ops;
 pub mod optim;
 pub mod optim8bit;
+pub mod teacher_cache;
 pub mod tensorboard;
 pub mod tokenizer;
 pub mod weights;

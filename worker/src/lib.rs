@@ -7,6 +7,7 @@ pub mod data_plan;
 pub mod eval;
 pub mod generate;
 pub mod metrics;
+pub mod gkd;
 pub mod models;
 pub mod run;
 #[cfg(feature = "cuda")]
@@ -17,4 +18,5 @@ pub mod selftest_fused;
 pub mod selftest_nccl;
 #[cfg(feature = "cuda")]
 pub mod selftest_optim;
+pub mod teacher_cache;
 pub mod trainer;

@@ -24,12 +24,18 @@ use qdistill_common::loss::{KdLoss, LossConfig};
 use qdistill_common::optim::{lr_at, AdamW, AdamWConfig, SchedulerType};
 use qdistill_common::optim8bit::MIN_8BIT_SIZE;
 use qdistill_common::tensorboard::EventWriter;
-use qdistill_common::tokenizer::check_same_tokenizer;
+use qdistill_common::teacher_cache::CacheReader;
+use qdistill_common::tokenizer::{check_same_tokenizer, TokenizerInfo};
 
 use crate::data_plan::{self, DataPlan};
 use crate::metrics::{self, PHASE_TARGET};
+use crate::gkd::{self, Completions, GkdSettings};
 use crate::models;
-use crate::trainer::{dropout_seed, teacher_hidden, DeviceBatch, LossSums, Student, Teacher, Throughput};
+use crate::teacher_cache;
+use crate::trainer::{
+    dropout_seed, teacher_head, teacher_hidden, teacher_topk, DeviceBatch, LossSums, Student, Teacher, TeacherBatch, Throughput,
+    TopKBatch, TopKSpec,
+};
 
 /// What a finished run reports.
 pub struct TrainSummary {
@@ -144,13 +150,33 @@ pub struct Prepared {
     pub device: Device,
 }
 
+/// The models and data of a cluster student: the teacher's outputs arrive as hidden states,
+/// so the single-process-only teacher forms are refused here.
 pub fn prepare(cfg: &TrainConfig) -> anyhow::Result<Prepared> {
     if cfg.teacher.output != config::TeacherOutput::Hidden && cfg.teacher.mode != TeacherMode::None {
         bail!(
-            "teacher.output = {:?}: a single-process run hands the teacher's final hidden states to the fused \
-             loss directly (exact, and no logits are ever materialised); `logits` and `topk:K` are transfer \
-             formats of cluster runs and are not available yet — remove the key or set it to \"hidden\"",
+            "teacher.output = {:?}: cluster runs send the teacher's final hidden states (exact, and no logits \
+             are ever materialised); `logits` and `topk:K` are not available there yet — remove the key or set \
+             it to \"hidden\" (`qdistill train` reads top-K outputs)",
             cfg.teacher.output
+        );
+    }
+    if cfg.teacher.cache.is_some() || cfg.distill.lmbda > 0.0 || cfg.distill.seq_kd {
+        bail!(
+            "`teacher.cache`, `distill.lmbda` and `distill.seq_kd` are supported by the single-process \
+             `qdistill train` only; remove them for a cluster run"
+        );
+    }
+    Ok(prepare_embedded(cfg)?.0)
+}
+
+/// Loads the job's models and data for `qdistill train` (nothing is written), and returns
+/// the student's tokenizer with them. With `teacher.cache` no teacher model is loaded.
+pub fn prepare_embedded(cfg: &TrainConfig) -> anyhow::Result<(Prepared, TokenizerInfo)> {
+    if matches!(cfg.teacher.output, config::TeacherOutput::Logits) && cfg.teacher.mode != TeacherMode::None {
+        bail!(
+            "teacher.output = \"logits\": a single-process run hands the teacher's final hidden states to the fused \
+             loss directly (the same numbers, without materialising logits); use \"hidden\" or \"topk:K\""
         );
     }
     let device = device_of(cfg.device)?;
@@ -160,6 +186,8 @@ pub fn prepare(cfg: &TrainConfig) -> anyhow::Result<Prepared> {
     tracing::info!(model = %student_path.display(), keep_layers = ?cfg.model.keep_layers, nf4, "loading student");
     let mut student = models::load(&student_path, cfg.model.keep_layers.clone(), nf4, cfg.model.bnb_4bit_use_double_quant, &device, dtype)?;
     let teacher = match cfg.teacher.mode {
+        // The cache stands in for the teacher: no weights to load.
+        _ if cfg.teacher.cache.is_some() => Teacher::None,
         TeacherMode::Model => {
             let spec = cfg.teacher.model_name_or_path.as_deref().unwrap_or(&cfg.model.model_name_or_path);
             let path = config::resolve_model_path(spec, None, None)?;
@@ -193,7 +221,7 @@ pub fn prepare(cfg: &TrainConfig) -> anyhow::Result<Prepared> {
     let data = data_plan::build(cfg, &student.tokenizer)?;
     let mut loss = loss_config(cfg);
     loss.student_softcap = student.model.cfg.final_logit_softcapping;
-    if matches!(teacher, Teacher::None) {
+    if cfg.teacher.mode == TeacherMode::None {
         loss.kd_weight = 0.0;
     }
     let t = &cfg.training;
@@ -209,11 +237,54 @@ pub fn prepare(cfg: &TrainConfig) -> anyhow::Result<Prepared> {
     };
     tracing::info!(optim = ?t.optim, state_bytes = opt.state_bytes(), params = params.len(), "optimizer");
     let grads = LoraGrads::zeros(&params);
-    Ok(Prepared {
+    let prepared = Prepared {
         student: Student { model: student.model, params, grads, opt, loss, checkpointing: t.gradient_checkpointing },
         teacher,
         data,
         device,
+    };
+    Ok((prepared, student.tokenizer))
+}
+
+/// How `teacher.output = "topk:K"` is taken live: over the first min(student, teacher)
+/// vocabulary entries, as the full-distribution loss does (None for other outputs).
+fn live_topk_spec(cfg: &TrainConfig, teacher: &Teacher, student: &Student) -> Option<TopKSpec> {
+    let config::TeacherOutput::TopK(k) = cfg.teacher.output else { return None };
+    let teacher_vocab = match teacher {
+        Teacher::Model(m) => m.cfg.vocab_size,
+        Teacher::Lwf => student.model.cfg.vocab_size,
+        Teacher::None => return None,
+    };
+    Some(TopKSpec {
+        k,
+        temperature: cfg.distill.temperature,
+        vocab: student.model.cfg.vocab_size.min(teacher_vocab),
+        dtype: teacher_cache::value_dtype(cfg.teacher.topk_dtype),
+        chunk_tokens: cfg.distill.chunk_tokens,
+    })
+}
+
+/// The teacher's outputs for one micro-batch: read from the cache, or computed live as
+/// hidden states or top-K.
+fn teacher_batch(
+    teacher: &Teacher,
+    student: &Student,
+    b: &DeviceBatch,
+    topk: Option<&TopKSpec>,
+    cache: Option<&mut CacheReader<'_>>,
+) -> anyhow::Result<TeacherBatch> {
+    let device = student.model.device();
+    if let Some(reader) = cache {
+        let rows = reader.next_rows(b.n_target)?;
+        return Ok(TeacherBatch::TopK(TopKBatch::new(&rows, b, device)?));
+    }
+    let h = teacher_hidden(teacher, &student.model, b)?;
+    Ok(match (topk, h, teacher_head(teacher, &student.model)) {
+        (Some(spec), Some(h), Some((head, softcap))) => {
+            let rows = teacher_topk(&h, head, softcap, &b.labels, spec)?;
+            TeacherBatch::TopK(TopKBatch::new(&rows, b, device)?)
+        }
+        (_, h, _) => TeacherBatch::Hidden(h),
     })
 }
 
@@ -244,12 +315,18 @@ fn start_from_adapter(params: &mut LoraParams, dir: &Path) -> anyhow::Result<()>
 /// `qdistill train`: load, train, evaluate, save.
 pub fn train(config_path: &Path, overrides: &[String], progress: bool) -> anyhow::Result<TrainSummary> {
     let cfg = config::load(config_path, overrides)?;
-    let Prepared { mut student, teacher, data, device } = prepare(&cfg)?;
+    let (Prepared { mut student, teacher, data, device }, tok) = prepare_embedded(&cfg)?;
     let t = &cfg.training;
     let total_steps = data.total_steps(t.max_steps, t.num_train_epochs, t.gradient_accumulation_steps)?;
     if total_steps == 0 {
         bail!("the data gives no optimizer step (check train_file, max_samples and batch sizes)");
     }
+    let cache = match &cfg.teacher.cache {
+        Some(_) => Some(teacher_cache::open_for_run(&cfg, &tok, student.model.cfg.vocab_size, &data, total_steps)?),
+        None => None,
+    };
+    let topk = live_topk_spec(&cfg, &teacher, &student);
+    let gkd = GkdSettings::from_config(&cfg, &tok)?;
     let warmup = t.num_warmup_steps(total_steps);
 
     let adapter_cfg = AdapterConfig::new(Some(cfg.model.model_name_or_path.clone()), &cfg.lora);
@@ -275,6 +352,9 @@ pub fn train(config_path: &Path, overrides: &[String], progress: bool) -> anyhow
         true => Some(EventWriter::create(&t.logging_dir)?),
         false => None,
     };
+
+    let mut cache_reader =
+        cache.as_ref().map(|c| c.reader((start_step * t.gradient_accumulation_steps) as u64)).transpose()?;
 
     let eval_batches: Vec<DeviceBatch> = data.eval.iter().map(|b| DeviceBatch::new(b, &device)).collect::<Result<_, _>>()?;
     let reh_batches: Vec<DeviceBatch> =
@@ -310,21 +390,34 @@ pub fn train(config_path: &Path, overrides: &[String], progress: bool) -> anyhow
     for step in start_step..total_steps {
         let epoch_at_start = stream.cursor().epoch;
         let _step_span = tracing::info_span!(target: PHASE_TARGET, "step", step = step + 1).entered();
-        let mut samples = 0;
-        let micro: Vec<DeviceBatch> = {
+        let mut samples = 0u64;
+        // All completions of a step are generated before its first backward: they see the
+        // same adapters (as in TRL, where the optimizer steps only after accumulation), and
+        // the loss is normalised by the target tokens actually trained.
+        let mut generated = 0usize;
+        let mut micro = Vec::with_capacity(t.gradient_accumulation_steps);
+        {
             let _s = tracing::info_span!(target: PHASE_TARGET, "data").entered();
-            (0..t.gradient_accumulation_steps)
-                .map(|_| stream.next_batch())
-                .inspect(|b| samples += b.sample_ids.len() as u64)
-                .map(|b| DeviceBatch::new(&b, &device))
-                .collect::<Result<_, _>>()?
-        };
+            for k in 0..t.gradient_accumulation_steps {
+                let b = stream.next_batch();
+                samples += b.sample_ids.len() as u64;
+                let b = match &gkd {
+                    Some(g) => {
+                        let (b, which) = gkd::micro_batch(g, &student, &teacher, &b, step as u64, k as u64)?;
+                        generated += usize::from(which != Completions::Dataset);
+                        b
+                    }
+                    None => b,
+                };
+                micro.push(DeviceBatch::new(&b, &device)?);
+            }
+        }
         let n_target: usize = micro.iter().map(|b| b.n_target).sum();
         let mut sums = LossSums::default();
         for (k, b) in micro.iter().enumerate() {
-            let h_t = tracing::info_span!(target: PHASE_TARGET, "teacher_forward").in_scope(|| teacher_hidden(&teacher, &student.model, b))?;
+            let t_out = tracing::info_span!(target: PHASE_TARGET, "teacher_forward").in_scope(|| teacher_batch(&teacher, &student, b, topk.as_ref(), cache_reader.as_mut()))?;
             let _s = tracing::info_span!(target: PHASE_TARGET, "student_forward_backward").entered();
-            let s = student.micro_step(b, &teacher, h_t.as_ref(), 1.0 / n_target.max(1) as f64, dropout_seed(cfg.seed, step as u64, k as u64))?;
+            let s = student.micro_step_with(b, &teacher, &t_out, 1.0 / n_target.max(1) as f64, dropout_seed(cfg.seed, step as u64, k as u64))?;
             sums.add(&s);
         }
         let lr = lr_at(scheduler(t.lr_scheduler_type), t.learning_rate, step as u64, warmup as u64, total_steps as u64);
@@ -340,11 +433,14 @@ pub fn train(config_path: &Path, overrides: &[String], progress: bool) -> anyhow
             m.record_step(&r, &device);
         }
         let epoch = stream.cursor().epoch as f64 + stream.cursor().index as f64 / n_train;
-        let rec = serde_json::json!({
+        let mut rec = serde_json::json!({
             "step": step + 1, "loss": last_loss, "ce": sums.ce_mean(), "kd": sums.kd_mean(),
             "lr": lr, "grad_norm": grad_norm, "tokens_per_sec": thr.tokens_per_sec(),
             "epoch": epoch,
         });
+        if gkd.is_some() {
+            rec["generated_micro_batches"] = generated.into();
+        }
         writeln!(metrics, "{rec}").with_context(|| format!("writing {}", metrics_path.display()))?;
         log_history.push(rec);
         bar.set_message(format!("loss {last_loss:.3} · ce {:.3} · kd {:.3} · {:.0} tok/s", sums.ce_mean(), sums.kd_mean(), thr.tokens_per_sec()));

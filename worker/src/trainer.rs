@@ -15,16 +15,17 @@
 
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use qdistill_common::data::Batch;
 use qdistill_common::lora::{LoraGrads, LoraParams};
-use qdistill_common::loss::{fused_linear_distill, KdLoss, LossConfig, TeacherOutput};
+use qdistill_common::loss::{fused_linear_distill, KdLoss, LossConfig, TeacherOutput, IGNORE_INDEX};
 use qdistill_common::model::decoder::StepCtx;
 use qdistill_common::model::Model;
 #[cfg(feature = "cuda")]
 use qdistill_common::optim::clip_coef;
 use qdistill_common::optim::{clip_grad_norm, grad_norm, AdamW};
-use qdistill_common::Result;
+use qdistill_common::teacher_cache::{TopKRows, ValueDtype};
+use qdistill_common::{Error, Result};
 
 /// Where the teacher's outputs come from.
 pub enum Teacher {
@@ -115,6 +116,90 @@ fn teacher_output<'a>(teacher: &'a Teacher, student: &'a Model, h_t: Option<&'a 
     }
 }
 
+/// The teacher's LM head and final soft-cap (the student's own for LwF); None for SFT.
+pub fn teacher_head<'a>(teacher: &'a Teacher, student: &'a Model) -> Option<(&'a Tensor, Option<f64>)> {
+    match teacher {
+        Teacher::Model(m) => Some((m.lm_head(), m.cfg.final_logit_softcapping)),
+        Teacher::Lwf => Some((student.lm_head(), student.cfg.final_logit_softcapping)),
+        Teacher::None => None,
+    }
+}
+
+/// How a top-K teacher output is taken: `teacher.output = "topk:K"` at the training
+/// temperature, over the first `vocab` logits (min of the student's and teacher's
+/// vocabularies, as the full-distribution loss does), rounded to `dtype`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TopKSpec {
+    pub k: usize,
+    pub temperature: f64,
+    pub vocab: usize,
+    pub dtype: ValueDtype,
+    /// Rows of the teacher LM head per matmul: bounds the `[chunk, V]` logits.
+    pub chunk_tokens: usize,
+}
+
+/// The teacher's top-K log-probabilities at the supervised tokens (label ≠ -100) of a
+/// micro-batch, from its final hidden states `h_t` `[N, d]` (or `[B, T, d]`) and LM head:
+/// log_softmax(softcap(h·Wᵀ)[:vocab] / T), the same numbers the full-distribution loss
+/// forms, then the K largest per token and rounding to `spec.dtype`.
+pub fn teacher_topk(h_t: &Tensor, lm_head: &Tensor, softcap: Option<f64>, labels: &[i64], spec: &TopKSpec) -> Result<TopKRows> {
+    let d = h_t.dim(candle_core::D::Minus1)?;
+    let h = h_t.reshape((h_t.elem_count() / d, d))?;
+    if h.dim(0)? != labels.len() {
+        return Err(Error::Msg(format!("teacher top-K: {} hidden rows for {} labels", h.dim(0)?, labels.len())));
+    }
+    let vt = lm_head.dim(0)?;
+    if spec.vocab > vt || spec.k > spec.vocab {
+        return Err(Error::Mismatch(format!(
+            "teacher top-K: K = {} over a vocabulary of {} entries, but the teacher's LM head has {vt} rows",
+            spec.k, spec.vocab
+        )));
+    }
+    let rows: Vec<u32> = labels.iter().enumerate().filter(|(_, &l)| l != IGNORE_INDEX).map(|(i, _)| i as u32).collect();
+    let mut out = TopKRows { k: spec.k, logprobs: Vec::with_capacity(rows.len() * spec.k), indices: Vec::with_capacity(rows.len() * spec.k) };
+    let w_t = lm_head.t()?;
+    for chunk in rows.chunks(spec.chunk_tokens.max(1)) {
+        let ids = Tensor::new(chunk, h.device())?;
+        let mut z = h.index_select(&ids, 0)?.matmul(&w_t)?.to_dtype(DType::F32)?;
+        if let Some(cap) = softcap {
+            z = ((z / cap)?.tanh()? * cap)?;
+        }
+        let u = (z.narrow(1, 0, spec.vocab)? / spec.temperature)?;
+        let max = u.max_keepdim(1)?;
+        let shifted = u.broadcast_sub(&max)?;
+        let lse = shifted.exp()?.sum_keepdim(1)?.log()?;
+        let logp: Vec<f32> = shifted.broadcast_sub(&lse)?.flatten_all()?.to_vec1()?;
+        let top = TopKRows::select(&logp, spec.vocab, spec.k)?;
+        out.logprobs.extend(top.logprobs);
+        out.indices.extend(top.indices);
+    }
+    spec.dtype.round(&mut out.logprobs);
+    Ok(out)
+}
+
+/// Top-K teacher outputs of a micro-batch on the device, `[N, K]` over all its tokens, as
+/// the loss's `TeacherOutput::TopK` takes them.
+pub struct TopKBatch {
+    pub logprobs: Tensor,
+    pub indices: Tensor,
+}
+
+impl TopKBatch {
+    pub fn new(rows: &TopKRows, batch: &DeviceBatch, device: &Device) -> Result<Self> {
+        let (lp, ix) = rows.expand(&batch.labels)?;
+        let n = batch.labels.len();
+        Ok(TopKBatch { logprobs: Tensor::from_vec(lp, (n, rows.k), device)?, indices: Tensor::from_vec(ix, (n, rows.k), device)? })
+    }
+}
+
+/// What the loss gets from the teacher for one micro-batch.
+pub enum TeacherBatch {
+    /// Final hidden states of a live teacher (None for SFT); the LM head is applied in the loss.
+    Hidden(Option<Tensor>),
+    /// Top-K log-probabilities, live or from a cache.
+    TopK(TopKBatch),
+}
+
 /// The student role: model, adapters, gradients, optimizer.
 pub struct Student {
     pub model: Model,
@@ -136,6 +221,33 @@ impl Student {
         grad_scale: f64,
         dropout_seed: u64,
     ) -> Result<LossSums> {
+        self.micro_step_from(batch, teacher, StepTeacher::Hidden(h_t), grad_scale, dropout_seed)
+    }
+
+    /// `micro_step` with the teacher's outputs in either form.
+    pub fn micro_step_with(
+        &mut self,
+        batch: &DeviceBatch,
+        teacher: &Teacher,
+        t: &TeacherBatch,
+        grad_scale: f64,
+        dropout_seed: u64,
+    ) -> Result<LossSums> {
+        let st = match t {
+            TeacherBatch::Hidden(h) => StepTeacher::Hidden(h.as_ref()),
+            TeacherBatch::TopK(b) => StepTeacher::TopK(b),
+        };
+        self.micro_step_from(batch, teacher, st, grad_scale, dropout_seed)
+    }
+
+    fn micro_step_from(
+        &mut self,
+        batch: &DeviceBatch,
+        teacher: &Teacher,
+        t: StepTeacher<'_>,
+        grad_scale: f64,
+        dropout_seed: u64,
+    ) -> Result<LossSums> {
         self.keep_on_device()?;
         let lora = self.params.to_device(self.model.device(), self.model.dtype())?;
         let ctx = StepCtx {
@@ -149,7 +261,10 @@ impl Student {
             &h,
             self.model.lm_head(),
             &batch.labels,
-            teacher_output(teacher, &self.model, h_t),
+            match t {
+                StepTeacher::Hidden(h_t) => teacher_output(teacher, &self.model, h_t),
+                StepTeacher::TopK(b) => TeacherOutput::TopK { logprobs: &b.logprobs, indices: &b.indices },
+            },
             &self.loss,
             grad_scale,
         )?;
@@ -221,6 +336,11 @@ impl Student {
     }
 }
 
+enum StepTeacher<'a> {
+    Hidden(Option<&'a Tensor>),
+    TopK(&'a TopKBatch),
+}
+
 /// Seed for one microbatch's dropout masks: a pure function of (run seed, step, micro) so
 /// that a resumed run draws the same masks.
 pub fn dropout_seed(seed: u64, step: u64, micro: u64) -> u64 {
@@ -248,5 +368,56 @@ impl Throughput {
 impl Default for Throughput {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    /// `teacher_topk` against a naive f64 computation written here: logits h·Wᵀ,
+    /// soft-capped, cut to the KD vocabulary, divided by T, log-softmax, full sort.
+    #[test]
+    fn teacher_topk_matches_a_naive_f64_reference() {
+        let mut rng = ChaCha8Rng::seed_from_u64(17);
+        let (n, d, vt, vocab, k, t, cap) = (7usize, 8usize, 20usize, 17usize, 4usize, 1.7f64, 5.0f64);
+        let h: Vec<f32> = (0..n * d).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        let w: Vec<f32> = (0..vt * d).map(|_| rng.random_range(-1.5f32..1.5)).collect();
+        let labels = [3, IGNORE_INDEX, 5, 9, IGNORE_INDEX, 1, 0];
+        let ht = Tensor::from_vec(h.clone(), (n, d), &Device::Cpu).unwrap();
+        let wt = Tensor::from_vec(w.clone(), (vt, d), &Device::Cpu).unwrap();
+        let spec = TopKSpec { k, temperature: t, vocab, dtype: ValueDtype::F32, chunk_tokens: 2 };
+        let got = teacher_topk(&ht, &wt, Some(cap), &labels, &spec).unwrap();
+        let mut row = 0;
+        for (i, &l) in labels.iter().enumerate() {
+            if l == IGNORE_INDEX {
+                continue;
+            }
+            let z: Vec<f64> = (0..vocab)
+                .map(|v| {
+                    let dot: f64 = (0..d).map(|j| h[i * d + j] as f64 * w[v * d + j] as f64).sum();
+                    cap * (dot / cap).tanh() / t
+                })
+                .collect();
+            let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let lse = m + z.iter().map(|x| (x - m).exp()).sum::<f64>().ln();
+            let mut all: Vec<(f64, u32)> = z.iter().enumerate().map(|(v, x)| (x - lse, v as u32)).collect();
+            all.sort_by(|a, b| b.0.partial_cmp(&a.0).unwrap());
+            for j in 0..k {
+                assert_eq!(got.indices[row * k + j], all[j].1, "token {i}, rank {j}");
+                let g = got.logprobs[row * k + j] as f64;
+                assert!((g - all[j].0).abs() < 1e-5, "token {i}, rank {j}: {g} vs {}", all[j].0);
+            }
+            row += 1;
+        }
+        assert_eq!(got.n_rows(), 5);
+        // float16 storage: the same entries, each within half an f16 ulp of the f32 value.
+        let half = teacher_topk(&ht, &wt, Some(cap), &labels, &TopKSpec { dtype: ValueDtype::F16, ..spec }).unwrap();
+        assert_eq!(half.indices, got.indices);
+        for (a, b) in half.logprobs.iter().zip(&got.logprobs) {
+            assert!((a - b).abs() <= b.abs() * 2f32.powi(-11) + 1e-7, "{a} vs {b}");
+        }
     }
 }
