@@ -23,8 +23,8 @@ use qdistill_coordinator::service::ServerTls;
 use qdistill_coordinator::{RunningCoordinator, ServeOptions};
 use qdistill_proto::v1 as pb;
 use qdistill_worker::cluster::{run_worker, WorkerOptions};
-use qdistill_worker::run::{prepare, Prepared};
-use qdistill_worker::trainer::{dropout_seed, teacher_hidden, DeviceBatch};
+use qdistill_worker::run::{live_topk_spec, prepare, teacher_batch, Prepared};
+use qdistill_worker::trainer::{dropout_seed, DeviceBatch};
 
 const TOKEN: &str = "cluster-test-token";
 const G: usize = 4;
@@ -155,6 +155,8 @@ fn virtual_shard_reference(cfg: &TrainConfig, total: u64) -> (Adapter, Vec<Vec<u
     let warmup = t.num_warmup_steps(total as usize) as u64;
     let mut stream = data.train_stream().unwrap();
     let mut samples = Vec::new();
+    // The teacher's outputs as `qdistill train` takes them: hidden states, or top-K rows.
+    let topk = live_topk_spec(cfg, &teacher, &student);
     for step in 0..total {
         let batches: Vec<_> = (0..G).map(|_| stream.next_batch()).collect();
         samples.push(batches.iter().flat_map(|b| b.sample_ids.clone()).collect());
@@ -163,8 +165,8 @@ fn virtual_shard_reference(cfg: &TrainConfig, total: u64) -> (Adapter, Vec<Vec<u
         for v in 0..SHARDS {
             for (k, b) in batches.iter().enumerate().take((v + 1) * G / SHARDS).skip(v * G / SHARDS) {
                 let db = DeviceBatch::new(b, &device).unwrap();
-                let h = teacher_hidden(&teacher, &student.model, &db).unwrap();
-                student.micro_step(&db, &teacher, h.as_ref(), 1.0 / n_target as f64, dropout_seed(cfg.seed, step, k as u64)).unwrap();
+                let t = teacher_batch(&teacher, &student, &db, topk.as_ref(), None).unwrap();
+                student.micro_step_with(&db, &teacher, &t, 1.0 / n_target as f64, dropout_seed(cfg.seed, step, k as u64)).unwrap();
             }
             partials.push(std::mem::replace(&mut student.grads.flat, vec![0.0; student.params.len()]));
         }
@@ -452,6 +454,28 @@ fn one_teacher_and_two_students_match_the_reference_bit_for_bit() {
         let max = g.iter().zip(w).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
         assert!(max / scale < 1e-5, "{name}: max |Δ| {max:e} against max |w| {scale:e}");
     }
+}
+
+/// `teacher.output = "topk:K"`: the teacher rank sends each supervised token's top-K rows
+/// instead of hidden states; the students train exactly what the single-process top-K run
+/// trains.
+#[test]
+fn a_top_k_teacher_rank_matches_the_reference_bit_for_bit() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let job = Job::new(&["teacher.output=topk:8", "teacher.topk_dtype=float32"]);
+    let hidden = self::job();
+    let differs = job.reference.iter().zip(&hidden.reference).any(|((_, w), (_, h))| w != h);
+    assert!(differs, "top-K and full-distribution references agree: the comparison would not tell them apart");
+    let run = tempfile::tempdir().unwrap();
+    let out = run.path().join("out");
+    let mut coord = start_coordinator(&job.config(&out), job.total, 3);
+    let mut workers: Vec<Worker> = (0..3).map(|i| spawn_worker(&coord.url, TOKEN, &format!("w{i}"), run.path())).collect();
+    let outcome = coord.wait(&mut workers, Duration::from_secs(300));
+    join_workers(&mut workers, &[]);
+    assert_eq!((outcome.committed_steps, outcome.generation), (job.total, 1), "{outcome:?}\n{}", logs_of(&workers));
+    let got = read_adapter(&out.join("final_model/adapter_model.safetensors"));
+    assert_bit_identical(&got, &job.reference, "top-K cluster vs two-shard top-K reference");
+    check_ledger(&out, &job.samples);
 }
 
 #[cfg(unix)]

@@ -150,17 +150,9 @@ pub struct Prepared {
     pub device: Device,
 }
 
-/// The models and data of a cluster student: the teacher's outputs arrive as hidden states,
-/// so the single-process-only teacher forms are refused here.
+/// The models and data of a cluster student: the teacher's outputs arrive as hidden states
+/// or top-K log-probabilities.
 pub fn prepare(cfg: &TrainConfig) -> anyhow::Result<Prepared> {
-    if cfg.teacher.output != config::TeacherOutput::Hidden && cfg.teacher.mode != TeacherMode::None {
-        bail!(
-            "teacher.output = {:?}: cluster runs send the teacher's final hidden states (exact, and no logits \
-             are ever materialised); `logits` and `topk:K` are not available there yet — remove the key or set \
-             it to \"hidden\" (`qdistill train` reads top-K outputs)",
-            cfg.teacher.output
-        );
-    }
     if cfg.teacher.cache.is_some() || cfg.distill.lmbda > 0.0 || cfg.distill.seq_kd {
         bail!(
             "`teacher.cache`, `distill.lmbda` and `distill.seq_kd` are supported by the single-process \
@@ -248,7 +240,7 @@ pub fn prepare_embedded(cfg: &TrainConfig) -> anyhow::Result<(Prepared, Tokenize
 
 /// How `teacher.output = "topk:K"` is taken live: over the first min(student, teacher)
 /// vocabulary entries, as the full-distribution loss does (None for other outputs).
-fn live_topk_spec(cfg: &TrainConfig, teacher: &Teacher, student: &Student) -> Option<TopKSpec> {
+pub fn live_topk_spec(cfg: &TrainConfig, teacher: &Teacher, student: &Student) -> Option<TopKSpec> {
     let config::TeacherOutput::TopK(k) = cfg.teacher.output else { return None };
     let teacher_vocab = match teacher {
         Teacher::Model(m) => m.cfg.vocab_size,
@@ -266,7 +258,7 @@ fn live_topk_spec(cfg: &TrainConfig, teacher: &Teacher, student: &Student) -> Op
 
 /// The teacher's outputs for one micro-batch: read from the cache, or computed live as
 /// hidden states or top-K.
-fn teacher_batch(
+pub fn teacher_batch(
     teacher: &Teacher,
     student: &Student,
     b: &DeviceBatch,

@@ -18,8 +18,8 @@ use tonic::Code;
 use super::{ckpt, nccl, scheduler, wire, RoleCtx, RoleEnd, RoleError};
 use crate::metrics::{self, PHASE_TARGET};
 use crate::models;
-use crate::run::{prepare, Prepared};
-use crate::trainer::{dropout_seed, teacher_hidden, DeviceBatch, LossSums, Teacher};
+use crate::run::{live_topk_spec, prepare, teacher_batch, Prepared};
+use crate::trainer::{dropout_seed, DeviceBatch, LossSums, Teacher, TeacherBatch, TopKBatch};
 
 /// Tells a teacher that this student finished a step, so it may compute one more ahead.
 pub const CREDIT: &[u8] = &[1];
@@ -76,6 +76,9 @@ pub(crate) fn run(ctx: &RoleCtx, a: &Assignment, cfg: &TrainConfig) -> Result<Ro
         .map_err(RoleError::lost)?;
     ctx.session.shared.set_abort(mesh.abort_handle());
     let nccl = nccl::form(ctx, a, &device)?;
+    // `teacher.output = "topk:K"`: top-K rows instead of hidden states, taken as the
+    // single-process run takes them.
+    let topk = live_topk_spec(cfg, &teacher, &student);
     let teacher_width = match &teacher {
         Teacher::Model(m) => m.cfg.hidden_size,
         _ => 0,
@@ -102,22 +105,30 @@ pub(crate) fn run(ctx: &RoleCtx, a: &Assignment, cfg: &TrainConfig) -> Result<Ro
             for &k in micros {
                 let db = DeviceBatch::new(&batches[k], &device)?;
                 step_tokens += db.n_tokens as u64;
-                let h_t = match (a.plan.micros[k].teacher_rank, &nccl) {
+                let t_out = match (a.plan.micros[k].teacher_rank, &nccl) {
+                    (Some(tr), _) if topk.is_some() => {
+                        let _s = tracing::info_span!(target: PHASE_TARGET, "transfer").entered();
+                        let bytes = mesh.recv(tr).map_err(RoleError::lost)?;
+                        let k_top = topk.as_ref().map_or(0, |s| s.k);
+                        let rows = wire::decode_topk(&bytes, k_top, db.n_target, tr)?;
+                        TeacherBatch::TopK(TopKBatch::new(&rows, &db, &device)?)
+                    }
                     // Over NCCL the shape is known on both sides: the batch's tokens × the
                     // teacher's width.
                     (Some(tr), Some(n)) => {
                         let _s = tracing::info_span!(target: PHASE_TARGET, "transfer").entered();
-                        Some(n.recv_hidden(tr, &[db.ids.elem_count(), teacher_width], student.model.dtype())?)
+                        TeacherBatch::Hidden(Some(n.recv_hidden(tr, &[db.ids.elem_count(), teacher_width], student.model.dtype())?))
                     }
                     (Some(tr), None) => {
                         let _s = tracing::info_span!(target: PHASE_TARGET, "transfer").entered();
                         let bytes = mesh.recv(tr).map_err(RoleError::lost)?;
-                        Some(wire::decode(&bytes, &device, student.model.dtype(), tr)?)
+                        TeacherBatch::Hidden(Some(wire::decode(&bytes, &device, student.model.dtype(), tr)?))
                     }
-                    (None, _) => tracing::info_span!(target: PHASE_TARGET, "teacher_forward").in_scope(|| teacher_hidden(&teacher, &student.model, &db))?,
+                    (None, _) => tracing::info_span!(target: PHASE_TARGET, "teacher_forward")
+                        .in_scope(|| teacher_batch(&teacher, &student, &db, topk.as_ref(), None))?,
                 };
                 let _s = tracing::info_span!(target: PHASE_TARGET, "student_forward_backward").entered();
-                let s = student.micro_step(&db, &teacher, h_t.as_ref(), scale, dropout_seed(cfg.seed, step, k as u64))?;
+                let s = student.micro_step_with(&db, &teacher, &t_out, scale, dropout_seed(cfg.seed, step, k as u64))?;
                 sums.add(&s);
                 trained.push(step * g as u64 + k as u64);
                 sample_ids.extend_from_slice(&batches[k].sample_ids);

@@ -16,7 +16,7 @@ use super::{device_of, dtype_of, nccl, wire, RoleCtx, RoleEnd, RoleError};
 use crate::data_plan;
 use crate::metrics::PHASE_TARGET;
 use crate::models;
-use crate::trainer::{teacher_hidden, DeviceBatch, Teacher};
+use crate::trainer::{teacher_hidden, teacher_topk, DeviceBatch, Teacher, TopKSpec};
 
 pub(crate) fn run(ctx: &RoleCtx, a: &Assignment, cfg: &TrainConfig) -> Result<RoleEnd, RoleError> {
     if cfg.teacher.mode != TeacherMode::Model {
@@ -25,7 +25,7 @@ pub(crate) fn run(ctx: &RoleCtx, a: &Assignment, cfg: &TrainConfig) -> Result<Ro
     let device = device_of(cfg.device)?;
     let dtype = dtype_of(cfg.model.compute_dtype);
     let student_path = config::resolve_model_path(&cfg.model.model_name_or_path, cfg.model.revision.as_deref(), None).map_err(anyhow::Error::from)?;
-    let (_, _, student_tok) = models::open(&student_path)?;
+    let (_, student_cfg, student_tok) = models::open(&student_path)?;
     let spec = cfg.teacher.model_name_or_path.as_deref().unwrap_or(&cfg.model.model_name_or_path);
     let path = config::resolve_model_path(spec, None, None).map_err(anyhow::Error::from)?;
     let loaded = models::load(&path, None, cfg.teacher.quantization == Quantization::Nf4, true, &device, dtype)?;
@@ -33,6 +33,18 @@ pub(crate) fn run(ctx: &RoleCtx, a: &Assignment, cfg: &TrainConfig) -> Result<Ro
         .with_context(|| format!("teacher {} and student {} must share one tokenizer", path.display(), student_path.display()))?;
     let teacher = Teacher::Model(loaded.model);
     let Teacher::Model(model) = &teacher else { unreachable!("built just above") };
+    // `teacher.output = "topk:K"`: the teacher sends the supervised tokens' top-K rows,
+    // taken exactly as the single-process run takes them (over min(Vs, Vt) entries).
+    let topk = match cfg.teacher.output {
+        config::TeacherOutput::TopK(k) => Some(TopKSpec {
+            k,
+            temperature: cfg.distill.temperature,
+            vocab: student_cfg.vocab_size.min(model.cfg.vocab_size),
+            dtype: crate::teacher_cache::value_dtype(cfg.teacher.topk_dtype),
+            chunk_tokens: cfg.distill.chunk_tokens,
+        }),
+        _ => None,
+    };
     // Batches come from the student's tokenizer and the same seed, so they are the
     // students' batches.
     let data = data_plan::build(cfg, &student_tok)?;
@@ -92,6 +104,13 @@ pub(crate) fn run(ctx: &RoleCtx, a: &Assignment, cfg: &TrainConfig) -> Result<Ro
             let db = DeviceBatch::new(&batches[k], &device)?;
             let h = tracing::info_span!(target: PHASE_TARGET, "teacher_forward").in_scope(|| teacher_hidden(&teacher, model, &db))?;
             let h = h.expect("a teacher model always gives hidden states");
+            if let Some(spec) = &topk {
+                let rows = teacher_topk(&h, model.lm_head(), model.cfg.final_logit_softcapping, &db.labels, spec)?;
+                let _s = tracing::info_span!(target: PHASE_TARGET, "transfer").entered();
+                // A few bytes per token: the TCP mesh carries them even between GPUs.
+                mesh.send(to, &wire::encode_topk(&rows)).map_err(RoleError::lost)?;
+                continue;
+            }
             let _s = tracing::info_span!(target: PHASE_TARGET, "transfer").entered();
             match &nccl {
                 Some(n) => n.send_hidden(to, &h)?,
