@@ -13,5 +13,7 @@ pub mod selftest_flash;
 #[cfg(feature = "cuda")]
 pub mod selftest_fused;
 #[cfg(feature = "cuda")]
+pub mod selftest_loss;
+#[cfg(feature = "cuda")]
 pub mod selftest_optim;
 pub mod trainer;
