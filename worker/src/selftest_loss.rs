@@ -17,12 +17,13 @@
 //!
 //! Tolerances. f32: 1e-4, against errors of order 1e-6 (cuBLAS' and the CPU's summation
 //! orders over d ≤ 64, fast exp/log intrinsics); any wrong term of the formulas moves the
-//! sums by 1e-2 or more. bf16: the logits are rounded to bf16 (relative 2⁻⁹) after the
-//! GEMM, a perturbation of up to |z|·2⁻⁹ ≈ 0.01 at the test's logit scale (|z| ≤ 5); the
-//! row's CE (≈ log V ≈ 7) and KL (≈ 0.3–3) move by a weighted average of those
-//! perturbations, which over ~40 rows of independent rounding averages out to ~1e-4
-//! relative; dz and dh are rounded once more (2⁻⁹ each). Sums are held to 3e-3, dh to
-//! 1e-2: above the rounding, below what a wrong term gives.
+//! sums or dh by 1e-2 or more. bf16: the logits are rounded to bf16 (relative 2⁻⁹) after
+//! the GEMM, an error of up to |z|·2⁻⁹ ≈ 0.015 on the largest logits, which carry most of
+//! the softmax mass; dz and dh are rounded once more. That precision model (bf16 logits,
+//! f32 loss math, bf16 dz and dh) emulated in torch on the CPU over these very cases (same
+//! shapes, scales, caps, vocabularies and masks, three seeds) errs by at most 8.4e-4 on
+//! the sums and 7.4e-3 on dh; the bounds are 3e-3 and 2.5e-2, about 3.5× that, far
+//! below the O(1) error of a wrong term, a missing softcap derivative or a misplaced row.
 
 use anyhow::{anyhow, bail};
 use candle_core::{DType, Device, Tensor};
@@ -58,7 +59,7 @@ fn tol(dtype: DType) -> Tol {
     if dtype == DType::F32 {
         Tol { sums: 1e-4, dh: 1e-4 }
     } else {
-        Tol { sums: 3e-3, dh: 1e-2 }
+        Tol { sums: 3e-3, dh: 2.5e-2 }
     }
 }
 
@@ -85,15 +86,15 @@ fn pair(rows: usize, cols: usize, std: f32, seed: u64, dtype: DType, device: &De
     Ok((cpu.to_device(device)?, cpu.to_dtype(DType::F32)?))
 }
 
-/// Labels in [0, vs); with `masked`, a prompt-like run of masked rows at the start and a
-/// few scattered ones, so chunks of labelled rows are both consecutive and not.
-fn labels(vs: usize, masked: bool, seed: u64) -> Vec<i64> {
+/// `n` labels in [0, vs); with `masked`, a prompt-like run of masked rows at the start
+/// and a few scattered ones, so chunks of labelled rows are both consecutive and not.
+fn labels(n: usize, vs: usize, masked: bool, seed: u64) -> Vec<i64> {
     use rand::{Rng, SeedableRng};
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    (0..N)
+    (0..n)
         .map(|i| {
             let l = rng.random_range(0..vs as i64);
-            if masked && (i < 6 || [20, 33, 34, N - 1].contains(&i)) {
+            if masked && (i < 6 || [20, 33, 34, n - 1].contains(&i)) {
                 IGNORE_INDEX
             } else {
                 l
@@ -184,8 +185,10 @@ fn loss_case(device: &Device, form: Form, kd: KdLoss, temperature: f64, dtype: D
     };
     let teacher_note = if teacher_dtype != dtype { format!(" ({} teacher)", dt_name(teacher_dtype)) } else { String::new() };
     let name = format!("fused loss {} {form:?}{teacher_note} {div} T={temperature} vs CPU f32", dt_name(dtype));
+    // A bf16 operand on either side sets the precision the comparison can expect.
+    let low = if dtype == DType::F32 && teacher_dtype == DType::F32 { None } else { Some(DType::BF16) };
     let run = || -> anyhow::Result<(bool, String)> {
-        let t = tol(dtype);
+        let t = tol(low.unwrap_or(DType::F32));
         let mut w = Worst::new();
         let mut seed = 1000u64;
         let vocabs: &[(usize, usize)] = if form == Form::None { &VOCABS[..1] } else { &VOCABS };
@@ -197,7 +200,7 @@ fn loss_case(device: &Device, form: Form, kd: KdLoss, temperature: f64, dtype: D
                     // Logits of std ≈ 2 (student) and 3 (teacher): d·std(h)²·std(W)².
                     let (h, h32) = pair(N, D, 1.0, seed, dtype, device)?;
                     let (ws, ws32) = pair(vs, D, 0.25, seed + 1, dtype, device)?;
-                    let lab = labels(vs, masked, seed + 2);
+                    let lab = labels(N, vs, masked, seed + 2);
                     let (th, th32) = pair(N, D_TEACHER, 1.0, seed + 3, teacher_dtype, device)?;
                     let (tw, tw32) = pair(vt, D_TEACHER, 3.0 / (D_TEACHER as f32).sqrt(), seed + 4, teacher_dtype, device)?;
                     let (zt, zt32) = pair(N, vt, 3.0, seed + 5, teacher_dtype, device)?;
@@ -240,11 +243,11 @@ fn loss_case(device: &Device, form: Form, kd: KdLoss, temperature: f64, dtype: D
                     if !bad.is_empty() {
                         w.failures.push(format!("[{case}: {}]", bad.join(", ")));
                     }
-                    if dtype != DType::F32 {
-                        let (teacher, _) = match form {
-                            Form::None => (TeacherOutput::None, ()),
-                            Form::Logits => (TeacherOutput::Logits(&zt), ()),
-                            Form::Hidden => (TeacherOutput::Hidden { h: &th, lm_head: &tw, softcap: t_cap }, ()),
+                    if low.is_some() {
+                        let teacher = match form {
+                            Form::None => TeacherOutput::None,
+                            Form::Logits => TeacherOutput::Logits(&zt),
+                            Form::Hidden => TeacherOutput::Hidden { h: &th, lm_head: &tw, softcap: t_cap },
                         };
                         let low = fused_linear_distill_reference(&h, &ws, &lab, teacher, &cfg, GRAD_SCALE)?;
                         let (c, k, d, _) = compare(&low, &want, &lab, with_kd)?;
@@ -255,7 +258,7 @@ fn loss_case(device: &Device, form: Form, kd: KdLoss, temperature: f64, dtype: D
         }
         let pass = w.failures.is_empty();
         let mut detail = format!(
-            "{} cases; worst ce_sum rel {:.2e} ({}), kd_sum {} {:.2e} ({}), dh rel {:.2e} ({}); tol sums {:.0e}, dh {:.0e}",
+            "{} cases; worst ce_sum rel {:.2e} ({}), kd_sum {} {:.2e} ({}), dh rel {:.2e} ({}); tol sums {:.1e}, dh {:.1e}",
             w.cases,
             w.ce.0,
             w.ce.1,
@@ -267,10 +270,9 @@ fn loss_case(device: &Device, form: Form, kd: KdLoss, temperature: f64, dtype: D
             t.sums,
             t.dh
         );
-        if dtype != DType::F32 {
+        if low.is_some() {
             detail.push_str(&format!(
-                "; candle {} path on the GPU: ce {:.2e}, kd {:.2e}, dh {:.2e}",
-                dt_name(dtype),
+                "; candle path on the GPU, same dtypes: ce {:.2e}, kd {:.2e}, dh {:.2e}",
                 w.candle[0],
                 w.candle[1],
                 w.candle[2]
@@ -296,7 +298,7 @@ fn llama_vocab_case(device: &Device) -> LossCheck {
         let (ws, ws32) = pair(v, d, 2.0 / (d as f32).sqrt(), 2, dt, device)?;
         let (th, th32) = pair(n, d, 1.0, 3, dt, device)?;
         let (tw, tw32) = pair(v, d, 3.0 / (d as f32).sqrt(), 4, dt, device)?;
-        let lab = labels(v, true, 5);
+        let lab = labels(n, v, true, 5);
         let cfg = LossConfig { ce_weight: 1.0, kd_weight: 1.0, kd: KdLoss::ForwardKl, temperature: 1.0, chunk_tokens: 24, student_softcap: None };
         let got = fused_linear_distill_cuda(&h, &ws, &lab, TeacherOutput::Hidden { h: &th, lm_head: &tw, softcap: None }, &cfg, 1.0 / n as f64)?;
         let want = fused_linear_distill(&h32, &ws32, &lab, TeacherOutput::Hidden { h: &th32, lm_head: &tw32, softcap: None }, &cfg, 1.0 / n as f64)?;
@@ -304,7 +306,7 @@ fn llama_vocab_case(device: &Device) -> LossCheck {
         let t = tol(dt);
         let pass = hard.is_none() && ce <= t.sums && kd <= t.sums && dh <= t.dh;
         let mut detail = format!(
-            "ce_sum {:.6} vs {:.6} (rel {ce:.2e}), kd_sum {:.6} vs {:.6} (rel {kd:.2e}), dh rel {dh:.2e}; tol sums {:.0e}, dh {:.0e}",
+            "ce_sum {:.6} vs {:.6} (rel {ce:.2e}), kd_sum {:.6} vs {:.6} (rel {kd:.2e}), dh rel {dh:.2e}; tol sums {:.1e}, dh {:.1e}",
             got.ce_sum, want.ce_sum, got.kd_sum, want.kd_sum, t.sums, t.dh
         );
         if let Some(h) = hard {
@@ -322,7 +324,7 @@ fn dispatch_check(device: &Device) -> anyhow::Result<(bool, String)> {
     let (h, _) = pair(N, D, 1.0, 7, dt, device)?;
     let (ws, _) = pair(1024, D, 0.25, 8, dt, device)?;
     let (zt, _) = pair(N, 1024, 3.0, 9, dt, device)?;
-    let lab = labels(1024, true, 10);
+    let lab = labels(N, 1024, true, 10);
     let cfg = LossConfig { ce_weight: 1.0, kd_weight: 1.0, kd: KdLoss::ForwardKl, temperature: 2.0, chunk_tokens: CHUNK, student_softcap: None };
     let bits = |t: &Tensor| -> anyhow::Result<Vec<u32>> {
         Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?.into_iter().map(f32::to_bits).collect())
