@@ -9,8 +9,12 @@
 //! Masked tokens (label -100) contribute nothing, so they are dropped before the head
 //! matmul: prompt tokens, often most of a chat sample, cost no vocabulary work.
 //!
-//! All loss math is device-agnostic candle code in f32; per-token sums are added up in
-//! f64 on the host.
+//! [`fused_linear_distill_reference`] does the loss math as device-agnostic candle code
+//! in f32; per-token sums are added up in f64 on the host. On a CUDA device (feature
+//! `cuda`, bf16 or f32 inputs, every teacher form but top-k), [`fused_linear_distill`]
+//! runs `kernels::loss` instead: the three GEMMs straight through cuBLAS into reused
+//! buffers and one row kernel for all the math between them, with dlogits written over
+//! the logits in place.
 
 use candle_core::{DType, Device, Tensor, D};
 
@@ -122,15 +126,25 @@ pub fn fused_linear_distill(
     cfg: &LossConfig,
     grad_scale: f64,
 ) -> Result<LossOutput> {
-    validate_config(cfg, grad_scale)?;
-    let (n, d, vs) = check_head("h", h, "lm_head", lm_head)?;
-    if labels.len() != n {
-        return Err(input_err(
-            "labels",
-            format!("has {} entries, but `h` has {n} rows", labels.len()),
-        ));
+    #[cfg(feature = "cuda")]
+    if crate::kernels::loss::applies(h, lm_head, &teacher) {
+        return crate::kernels::loss::fused_linear_distill_cuda(h, lm_head, labels, teacher, cfg, grad_scale);
     }
-    let valid = valid_rows(labels, vs)?;
+    fused_linear_distill_reference(h, lm_head, labels, teacher, cfg, grad_scale)
+}
+
+/// [`fused_linear_distill`] as a chain of candle ops over each `[chunk, V]` block, on any
+/// device: the CPU implementation, the reference of the CUDA kernel path, and the path for
+/// inputs that path does not take (top-k teachers, f16, or `QDISTILL_FUSED_KERNELS=0`).
+pub fn fused_linear_distill_reference(
+    h: &Tensor,
+    lm_head: &Tensor,
+    labels: &[i64],
+    teacher: TeacherOutput,
+    cfg: &LossConfig,
+    grad_scale: f64,
+) -> Result<LossOutput> {
+    let Checked { n, d, vs, valid } = check_inputs(h, lm_head, labels, cfg, grad_scale)?;
     let teacher = Teacher::new(teacher, n, vs, h.device())?;
 
     let dev = h.device();
@@ -194,8 +208,31 @@ pub fn fused_linear_distill(
     })
 }
 
+/// Sizes of validated inputs: `h` `[n, d]`, a student vocabulary of `vs`, and the rows
+/// of `h` that carry a label (the rows both loss sums run over).
+pub(crate) struct Checked {
+    pub n: usize,
+    pub d: usize,
+    pub vs: usize,
+    pub valid: Vec<u32>,
+}
+
+/// The checks every path runs before any device work: config, head shapes, labels.
+pub(crate) fn check_inputs(h: &Tensor, lm_head: &Tensor, labels: &[i64], cfg: &LossConfig, grad_scale: f64) -> Result<Checked> {
+    validate_config(cfg, grad_scale)?;
+    let (n, d, vs) = check_head("h", h, "lm_head", lm_head)?;
+    if labels.len() != n {
+        return Err(input_err(
+            "labels",
+            format!("has {} entries, but `h` has {n} rows", labels.len()),
+        ));
+    }
+    let valid = valid_rows(labels, vs)?;
+    Ok(Checked { n, d, vs, valid })
+}
+
 /// The teacher input after validation, with what every chunk needs.
-enum Teacher<'a> {
+pub(crate) enum Teacher<'a> {
     None,
     Logits {
         logits: &'a Tensor,
@@ -203,7 +240,7 @@ enum Teacher<'a> {
     },
     Hidden {
         h: &'a Tensor,
-        lm_head_t: Tensor,
+        lm_head: &'a Tensor,
         softcap: Option<f64>,
         v_kd: usize,
     },
@@ -214,7 +251,7 @@ enum Teacher<'a> {
 }
 
 impl<'a> Teacher<'a> {
-    fn new(t: TeacherOutput<'a>, n: usize, vs: usize, dev: &Device) -> Result<Self> {
+    pub(crate) fn new(t: TeacherOutput<'a>, n: usize, vs: usize, dev: &Device) -> Result<Self> {
         Ok(match t {
             TeacherOutput::None => Teacher::None,
             TeacherOutput::Logits(logits) => {
@@ -245,7 +282,7 @@ impl<'a> Teacher<'a> {
                 check_softcap("teacher softcap", softcap)?;
                 Teacher::Hidden {
                     h,
-                    lm_head_t: lm_head.t()?,
+                    lm_head,
                     softcap,
                     v_kd: vs.min(vt),
                 }
@@ -304,12 +341,12 @@ impl<'a> Teacher<'a> {
             ),
             Teacher::Hidden {
                 h,
-                lm_head_t,
+                lm_head,
                 softcap: cap,
                 v_kd,
             } => {
                 let zt = take_rows(h, rows, row_ids)?
-                    .matmul(lm_head_t)?
+                    .matmul(&lm_head.t()?)?
                     .to_dtype(DType::F32)?;
                 full(softcap(&zt, *cap)?.0, *v_kd)
             }

@@ -18,7 +18,7 @@ use std::time::Instant;
 use anyhow::{anyhow, Context};
 use candle_core::{DType, Device, Tensor};
 use qdistill_common::lora::{LoraGrads, LoraParams, LoraSpec, ALL_LINEAR};
-use qdistill_common::loss::{fused_linear_distill, KdLoss, LossConfig, TeacherOutput};
+use qdistill_common::loss::{fused_linear_distill, fused_linear_distill_reference, KdLoss, LossConfig, TeacherOutput};
 use qdistill_common::model::decoder::{LoadOptions, StepCtx};
 use qdistill_common::model::{Model, ModelConfig};
 use qdistill_common::optim::{AdamW, AdamWConfig};
@@ -86,8 +86,9 @@ pub enum BenchCase {
     /// NF4 (double-quantized, blocksize 64) dequantization to bf16 of a `rows × cols` weight.
     Nf4Dequant { rows: usize, cols: usize },
     /// Forward KL with both LM heads applied inside the fused loss, returning dL/dh:
-    /// `tokens × hidden` hidden states, `vocab × hidden` heads.
-    FusedKl { tokens: usize, vocab: usize, hidden: usize, chunk_tokens: usize },
+    /// `tokens × hidden` hidden states, `vocab × hidden` heads. `candle` runs the candle
+    /// reference path instead of the dispatch (the CUDA kernel path on a GPU).
+    FusedKl { tokens: usize, vocab: usize, hidden: usize, chunk_tokens: usize, candle: bool },
     /// Where one decoder block's time goes: each op of the forward and backward timed on
     /// its own at the shape's sizes (bf16 base GEMMs, attention, norms, RoPE, SwiGLU).
     BlockProfile { shape: ModelShape, batch: usize, seq: usize },
@@ -114,8 +115,8 @@ impl BenchCase {
                 format!("teacher fwd {} {} {}x{}", if *nf4 { "nf4" } else { "bf16" }, shape.name(), batch, seq)
             }
             BenchCase::Nf4Dequant { rows, cols } => format!("nf4 dequant dq {rows}x{cols} -> bf16"),
-            BenchCase::FusedKl { tokens, vocab, chunk_tokens, .. } => {
-                format!("fused fwd-KL T={tokens} V={vocab} chunk={chunk_tokens}")
+            BenchCase::FusedKl { tokens, vocab, chunk_tokens, candle, .. } => {
+                format!("fused fwd-KL T={tokens} V={vocab} chunk={chunk_tokens}{}", if *candle { " (candle path)" } else { "" })
             }
             BenchCase::BlockProfile { shape, batch, seq } => format!("block profile {} {batch}x{seq}", shape.name()),
             BenchCase::Matmul { n } => format!("bf16 matmul {n}^3"),
@@ -157,8 +158,10 @@ impl BenchSpec {
             BenchCase::KernelReport { family: "fused norm/rope/glu" },
             BenchCase::KernelReport { family: "optim" },
         ];
-        for chunk_tokens in [256, 1024] {
-            cases.push(BenchCase::FusedKl { tokens: 8192, vocab: 128_256, hidden: 4096, chunk_tokens });
+        // The trainer's default chunk of 1024 rows (2 × 250 MiB of bf16 logits at V = 128K),
+        // twice that, and the candle path for comparison.
+        for (chunk_tokens, candle) in [(1024, false), (2048, false), (1024, true)] {
+            cases.push(BenchCase::FusedKl { tokens: 8192, vocab: 128_256, hidden: 4096, chunk_tokens, candle });
         }
         for &shape in shapes {
             if shape != ModelShape::Tiny {
@@ -574,7 +577,7 @@ fn run_single(spec: &BenchSpec, case: &BenchCase, model: Option<&mut Model>, pro
             Ok(row(case, tokens / (ms / 1e3), "tok/s", ms, peak, format!("MFU(2N) {mfu:.1}%, hidden states + LM head logits")))
         }
         BenchCase::Nf4Dequant { .. } => Err(anyhow!("the NF4 dequant case yields several rows: run it through run_case")),
-        BenchCase::FusedKl { tokens, vocab, hidden, chunk_tokens } => {
+        BenchCase::FusedKl { tokens, vocab, hidden, chunk_tokens, candle } => {
             use rand::{Rng, SeedableRng};
             let dt = bench_dtype(device);
             let rand = |r: usize, c: usize, std: f32| -> anyhow::Result<Tensor> {
@@ -587,8 +590,9 @@ fn run_single(spec: &BenchSpec, case: &BenchCase, model: Option<&mut Model>, pro
             device.synchronize()?;
             let before = probe.used_bytes()?;
             let mut kd = 0.0;
+            let loss = if candle { fused_linear_distill_reference } else { fused_linear_distill };
             let mut f = || -> anyhow::Result<()> {
-                let out = fused_linear_distill(&hs, &ws, &labels, TeacherOutput::Hidden { h: &ht, lm_head: &wt, softcap: None }, &cfg, 1.0 / tokens as f64)?;
+                let out = loss(&hs, &ws, &labels, TeacherOutput::Hidden { h: &ht, lm_head: &wt, softcap: None }, &cfg, 1.0 / tokens as f64)?;
                 kd = out.kd_sum / tokens as f64;
                 drop(out);
                 Ok(())
@@ -598,7 +602,16 @@ fn run_single(spec: &BenchSpec, case: &BenchCase, model: Option<&mut Model>, pro
                 (Some(p), Some(b)) => Some(p.saturating_sub(b)),
                 _ => None,
             };
-            Ok(row(case, 0.0, "", ms, above, format!("peak is above the inputs; forward KL {kd:.4}; computes CE too (weight 0)")))
+            // The three GEMMs (student and teacher logits, dh) are 6·T·V·d FLOP.
+            let tflops = 6.0 * (tokens * vocab * hidden) as f64 / (ms / 1e3) / 1e12;
+            Ok(row(
+                case,
+                0.0,
+                "",
+                ms,
+                above,
+                format!("peak is above the inputs; forward KL {kd:.4}; computes CE too (weight 0); GEMMs at {tflops:.0} TFLOP/s overall"),
+            ))
         }
         BenchCase::BlockProfile { shape, batch, seq } => block_profile(spec, case, shape, batch, seq, probe),
         BenchCase::Matmul { n } => {
@@ -911,6 +924,7 @@ pub fn run_selftest(spec: &SelftestSpec) -> anyhow::Result<SelftestReport> {
         let kernel_checks = crate::selftest_flash::flash_checks(dev)
             .into_iter()
             .chain(crate::selftest_fused::fused_checks(dev))
+            .chain(crate::selftest_loss::loss_checks(dev))
             .chain(crate::selftest_optim::optim_checks(dev, &spec.fixtures))
             .chain(crate::selftest_nccl::nccl_checks());
         for (name, res) in kernel_checks {
@@ -1137,7 +1151,9 @@ mod tests {
     fn harness_runs_every_case_kind_on_cpu() {
         let mut spec = BenchSpec::standard(Device::Cpu, &[ModelShape::Tiny]);
         spec.cases.retain(|c| !matches!(c, BenchCase::FusedKl { .. } | BenchCase::Copy { .. } | BenchCase::Matmul { .. } | BenchCase::KernelReport { .. }));
-        spec.cases.push(BenchCase::FusedKl { tokens: 16, vocab: 96, hidden: 32, chunk_tokens: 5 });
+        for candle in [false, true] {
+            spec.cases.push(BenchCase::FusedKl { tokens: 16, vocab: 96, hidden: 32, chunk_tokens: 5, candle });
+        }
         spec.cases.push(BenchCase::Matmul { n: 32 });
         spec.cases.push(BenchCase::BlockProfile { shape: ModelShape::Tiny, batch: 2, seq: 8 });
         spec.iters = 1;

@@ -15,6 +15,8 @@ pub mod selftest_flash;
 #[cfg(feature = "cuda")]
 pub mod selftest_fused;
 #[cfg(feature = "cuda")]
+pub mod selftest_loss;
+#[cfg(feature = "cuda")]
 pub mod selftest_nccl;
 #[cfg(feature = "cuda")]
 pub mod selftest_optim;

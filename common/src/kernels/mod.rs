@@ -4,6 +4,8 @@
 //! cache, and launched through cudarc on candle's stream, so they order with every candle op.
 //!
 //! - [`nf4`]: NF4 weights resident on the device and their dequantization.
+//! - [`loss`]: the CUDA path of the fused LM-head CE/KD loss (cuBLAS GEMMs around one
+//!   row kernel that writes dlogits in place).
 //! - [`optim`]: AdamW, the gradient norm and the LoRA gradient GEMMs over flat fp32 buffers.
 //! - [`MemPool`]: the device's stream-ordered memory pool, which cudarc allocates from:
 //!   keep freed blocks (no re-mapping between steps) and read the high-water mark of
@@ -19,6 +21,7 @@ use crate::{Error, Result};
 
 pub mod flash;
 pub mod fused;
+pub mod loss;
 pub mod nf4;
 pub mod optim;
 pub use nf4::{CudaNf4, Nf4Launch, Nf4Out, NF4_BF16_DQ_VARIANTS, NF4_DEFAULT_LAUNCH};
