@@ -24,41 +24,16 @@ use std::time::{Duration, Instant};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
 use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
 
+mod common;
+use common::{root, write_tokenizer};
+
 const TOKEN: &str = "observability-test-token";
 const MAX_STEPS: u64 = 40;
 
 /// Both tests start several processes on a machine with few cores: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
 
-/// A character-level tokenizer for the fixture model (vocab 256).
-fn write_tokenizer(dir: &Path) {
-    let specials = ["<pad>", "<s>", "</s>", "<unk>"];
-    let mut vocab = serde_json::Map::new();
-    for (i, s) in specials.iter().enumerate() {
-        vocab.insert(s.to_string(), i.into());
-    }
-    for c in 32u8..127 {
-        vocab.insert((c as char).to_string(), (c as usize - 32 + specials.len()).into());
-    }
-    let added: Vec<serde_json::Value> = specials
-        .iter()
-        .enumerate()
-        .map(|(i, s)| serde_json::json!({"id": i, "content": s, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}))
-        .collect();
-    let tok = serde_json::json!({
-        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added, "normalizer": null,
-        "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "."}, "behavior": "Isolated", "invert": false},
-        "post_processor": null, "decoder": null,
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
-    });
-    std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();
-    let cfg = serde_json::json!({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "add_bos_token": false});
-    std::fs::write(dir.join("tokenizer_config.json"), cfg.to_string()).unwrap();
-}
 
 /// A distillation job on the fixture under `dir`; returns the config path.
 fn write_job(dir: &Path) -> PathBuf {
