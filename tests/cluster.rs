@@ -27,7 +27,7 @@ use qdistill_worker::run::{live_topk_spec, prepare, teacher_batch, Prepared};
 use qdistill_worker::trainer::{dropout_seed, DeviceBatch};
 
 mod common;
-use common::{root, write_tokenizer};
+use common::{fixture_llama, write_word_text};
 
 const TOKEN: &str = "cluster-test-token";
 const G: usize = 4;
@@ -36,25 +36,11 @@ const SHARDS: usize = 2;
 /// The multi-process tests share 2 CPU cores: run them one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-
-
 /// Model, data and config of a small job under `dir`; returns the config path.
 fn write_job(dir: &Path) -> PathBuf {
-    let model = dir.join("llama");
-    std::fs::create_dir_all(&model).unwrap();
-    for f in ["config.json", "model.safetensors"] {
-        std::fs::copy(root().join("tests/fixtures/models/llama").join(f), model.join(f)).unwrap();
-    }
-    write_tokenizer(&model);
-    let words = ["red", "fox", "jumps", "over", "lazy", "dog", "blue", "sky", "rain", "falls"];
+    let model = fixture_llama(dir, "llama");
     let data = dir.join("train.jsonl");
-    let lines: String = (0..40)
-        .map(|i| {
-            let text: Vec<&str> = (0..8 + i % 9).map(|j| words[(i * 7 + j * 3) % words.len()]).collect();
-            format!("{{\"text\": \"{i}: {}\"}}\n", text.join(" "))
-        })
-        .collect();
-    std::fs::write(&data, lines).unwrap();
+    write_word_text(&data);
     let cfg = dir.join("job.toml");
     std::fs::write(
         &cfg,

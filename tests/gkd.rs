@@ -18,20 +18,13 @@ use qdistill_worker::trainer::{teacher_hidden, DeviceBatch, Student, Teacher};
 use rand::{Rng, SeedableRng};
 
 mod common;
-use common::{root, write_tokenizer};
-
-
+use common::fixture_llama;
 
 /// Prompt/completion data, models and a GKD job (JSD, beta 0.5, at T = 1 with no CE term,
 /// as TRL's loss) under `dir`; returns the config path.
 fn write_job(dir: &Path) -> PathBuf {
-    let model = dir.join("llama");
-    std::fs::create_dir_all(&model).unwrap();
-    for f in ["config.json", "model.safetensors"] {
-        std::fs::copy(root().join("tests/fixtures/models/llama").join(f), model.join(f)).unwrap();
-    }
-    write_tokenizer(&model);
-    let words = ["red", "fox", "jumps", "over", "lazy", "dog", "blue", "sky", "rain", "falls"];
+    let model = fixture_llama(dir, "llama");
+    let words = common::WORDS;
     let lines: String = (0..30)
         .map(|i| {
             let w = |j: usize| words[(i * 7 + j * 3) % words.len()];

@@ -25,7 +25,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{Tra
 use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
 
 mod common;
-use common::{root, write_tokenizer};
+use common::{fixture_llama, write_word_text};
 
 const TOKEN: &str = "observability-test-token";
 const MAX_STEPS: u64 = 40;
@@ -33,25 +33,11 @@ const MAX_STEPS: u64 = 40;
 /// Both tests start several processes on a machine with few cores: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-
-
 /// A distillation job on the fixture under `dir`; returns the config path.
 fn write_job(dir: &Path) -> PathBuf {
-    let model = dir.join("llama");
-    std::fs::create_dir_all(&model).unwrap();
-    for f in ["config.json", "model.safetensors"] {
-        std::fs::copy(root().join("tests/fixtures/models/llama").join(f), model.join(f)).unwrap();
-    }
-    write_tokenizer(&model);
-    let words = ["red", "fox", "jumps", "over", "lazy", "dog", "blue", "sky", "rain", "falls"];
+    let model = fixture_llama(dir, "llama");
     let data = dir.join("train.jsonl");
-    let lines: String = (0..40)
-        .map(|i| {
-            let text: Vec<&str> = (0..8 + i % 9).map(|j| words[(i * 7 + j * 3) % words.len()]).collect();
-            format!("{{\"text\": \"{i}: {}\"}}\n", text.join(" "))
-        })
-        .collect();
-    std::fs::write(&data, lines).unwrap();
+    write_word_text(&data);
     let cfg = dir.join("job.toml");
     let text = format!(
         r#"output_dir = "{out}"

@@ -10,9 +10,7 @@ use std::process::Command;
 use qdistill_worker::teacher_cache::{build_cache, CacheOptions};
 
 mod common;
-use common::{root, write_tokenizer};
-
-
+use common::{fixture_llama, root};
 
 /// Variant 1 has the same character counts as variant 0 (the words upper-cased), so
 /// every count agrees and only the token ids differ.
@@ -34,12 +32,7 @@ fn write_data(path: &Path, variant: usize) {
 /// its layer 0, NF4); returns the config path.
 fn write_job(dir: &Path) -> PathBuf {
     for name in ["student", "teacher"] {
-        let m = dir.join(name);
-        std::fs::create_dir_all(&m).unwrap();
-        for f in ["config.json", "model.safetensors"] {
-            std::fs::copy(root().join("tests/fixtures/models/llama").join(f), m.join(f)).unwrap();
-        }
-        write_tokenizer(&m);
+        fixture_llama(dir, name);
     }
     let data = dir.join("train.jsonl");
     write_data(&data, 0);

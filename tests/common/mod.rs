@@ -1,5 +1,8 @@
 //! What several end-to-end test files share: the repository root and the tiny fixture
-//! model's tokenizer.
+//! model, its tokenizer and data.
+
+// Each test file compiles this module on its own and uses a part of it.
+#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 
@@ -32,4 +35,30 @@ pub fn write_tokenizer(dir: &Path) {
     std::fs::write(dir.join("tokenizer.json"), serde_json::to_string(&tok).unwrap()).unwrap();
     let cfg = serde_json::json!({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "add_bos_token": false});
     std::fs::write(dir.join("tokenizer_config.json"), cfg.to_string()).unwrap();
+}
+
+/// A copy of the tiny Llama fixture (tests/fixtures/models/llama) with the character
+/// tokenizer, at `dir/name`.
+pub fn fixture_llama(dir: &Path, name: &str) -> PathBuf {
+    let model = dir.join(name);
+    std::fs::create_dir_all(&model).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(root().join("tests/fixtures/models/llama").join(f), model.join(f)).unwrap();
+    }
+    write_tokenizer(&model);
+    model
+}
+
+/// Ten words, for data the character tokenizer covers.
+pub const WORDS: [&str; 10] = ["red", "fox", "jumps", "over", "lazy", "dog", "blue", "sky", "rain", "falls"];
+
+/// Forty plain-text records of 8 to 16 words at `path`.
+pub fn write_word_text(path: &Path) {
+    let lines: String = (0..40)
+        .map(|i| {
+            let text: Vec<&str> = (0..8 + i % 9).map(|j| WORDS[(i * 7 + j * 3) % WORDS.len()]).collect();
+            format!("{{\"text\": \"{i}: {}\"}}\n", text.join(" "))
+        })
+        .collect();
+    std::fs::write(path, lines).unwrap();
 }
