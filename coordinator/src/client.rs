@@ -206,12 +206,8 @@ fn source_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// `qdistill status`: the job's state, one line per worker. Blocks.
-pub fn status(url: &str, token: &str) -> Result<String, CoordError> {
-    status_with(url, token, &ConnectOptions { attempts: 3, ..ConnectOptions::default() })
-}
-
-/// [`status`] with explicit connection options (a TLS CA, retries).
+/// `qdistill status`: the job's state, one line per worker, over a connection made with
+/// `opts` (a TLS CA, retries). Blocks.
 pub fn status_with(url: &str, token: &str, opts: &ConnectOptions) -> Result<String, CoordError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

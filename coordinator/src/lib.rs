@@ -10,7 +10,7 @@ pub mod service;
 pub mod state;
 pub mod store;
 
-pub use client::{status, Client};
+pub use client::{status_with, Client};
 pub use service::{generate_token, job_spec, serve, start, Outcome, RunningCoordinator, ServeOptions};
 
 #[derive(Debug, thiserror::Error)]

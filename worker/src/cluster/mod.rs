@@ -287,11 +287,6 @@ fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "worker".into())
 }
 
-/// `qdistill status` against a coordinator (re-exported for the CLI).
-pub fn status(url: &str, token: &str) -> anyhow::Result<String> {
-    Ok(qdistill_coordinator::client::status(url, token)?)
-}
-
 /// Optimizer steps the job takes: what the single-process run computes from the same
 /// config and data (max_steps, or epochs × batches ÷ accumulation).
 pub fn total_steps(cfg: &TrainConfig) -> anyhow::Result<u64> {
