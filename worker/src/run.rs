@@ -153,13 +153,31 @@ pub struct Prepared {
 /// The models and data of a cluster student: the teacher's outputs arrive as hidden states
 /// or top-K log-probabilities.
 pub fn prepare(cfg: &TrainConfig) -> anyhow::Result<Prepared> {
+    check_cluster_config(cfg)?;
+    Ok(prepare_embedded(cfg)?.0)
+}
+
+/// Refuses what only the single-process `qdistill train` does, so that a cluster run never
+/// ignores a setting: the coordinator checks it at start, every student again.
+pub fn check_cluster_config(cfg: &TrainConfig) -> anyhow::Result<()> {
     if cfg.teacher.cache.is_some() || cfg.distill.lmbda > 0.0 || cfg.distill.seq_kd {
         bail!(
             "`teacher.cache`, `distill.lmbda` and `distill.seq_kd` are supported by the single-process \
              `qdistill train` only; remove them for a cluster run"
         );
     }
-    Ok(prepare_embedded(cfg)?.0)
+    let strategy = match cfg.training.save_strategy {
+        SaveStrategy::Steps => None,
+        SaveStrategy::Epoch => Some("epoch"),
+        SaveStrategy::No => Some("no"),
+    };
+    if let Some(s) = strategy {
+        bail!(
+            "`training.save_strategy` = \"{s}\": a cluster run checkpoints at the coordinator's save points, every \
+             `training.save_steps` steps; use \"steps\" (an adapter per epoch is a `qdistill train` feature)"
+        );
+    }
+    Ok(())
 }
 
 /// Loads the job's models and data for `qdistill train` (nothing is written), and returns
@@ -603,4 +621,27 @@ fn resume(
     let stream = Batcher::resume(data.train.clone(), data.opts.clone(), cursor)?;
     tracing::info!(dir = %dir.display(), step = state.global_step, "resuming");
     Ok((state.global_step as usize, stream, state.log_history))
+}
+
+#[cfg(test)]
+mod tests {
+    use qdistill_common::config::{self, ConfigFormat};
+
+    use super::check_cluster_config;
+
+    fn cfg(extra_training: &str) -> config::TrainConfig {
+        let text = format!(
+            "output_dir = \"out\"\n[model]\nmodel_name_or_path = \"m\"\n[data]\ntrain_file = \"d.jsonl\"\n[training]\nmax_steps = 4\n{extra_training}\n"
+        );
+        config::parse(&text, ConfigFormat::Toml, "test config", &[]).unwrap()
+    }
+
+    #[test]
+    fn cluster_runs_refuse_what_only_the_single_process_run_does() {
+        assert!(check_cluster_config(&cfg("save_strategy = \"steps\"")).is_ok());
+        for (strategy, want) in [("epoch", "\"epoch\""), ("no", "\"no\"")] {
+            let e = check_cluster_config(&cfg(&format!("save_strategy = \"{strategy}\""))).unwrap_err().to_string();
+            assert!(e.contains("training.save_strategy") && e.contains(want), "{e}");
+        }
+    }
 }

@@ -310,6 +310,7 @@ pub fn serve_coordinator(
     opts: qdistill_coordinator::ServeOptions,
 ) -> anyhow::Result<qdistill_coordinator::Outcome> {
     let cfg = config::load(config_path, overrides)?;
+    crate::run::check_cluster_config(&cfg)?;
     let steps = total_steps(&cfg)?;
     Ok(qdistill_coordinator::serve(&cfg, steps, addr, opts)?)
 }
