@@ -15,9 +15,8 @@ use std::process::{Command, Output};
 use candle_core::{Device, Tensor};
 use serde_json::{json, Value};
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+mod common;
+use common::{root, write_chatml_tokenizer};
 
 fn qdistill(args: &[String]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_qdistill"))
@@ -28,46 +27,6 @@ fn qdistill(args: &[String]) -> Output {
         .expect("run qdistill")
 }
 
-/// GPT-2's byte → char table (`bytes_to_unicode`), which byte-level BPE vocabularies use.
-fn byte_char(b: u8) -> char {
-    let printable = |x: u32| (33..=126).contains(&x) || (161..=172).contains(&x) || (174..=255).contains(&x);
-    if printable(b as u32) {
-        return char::from_u32(b as u32).unwrap();
-    }
-    let n = (0..b as u32).filter(|&x| !printable(x)).count() as u32;
-    char::from_u32(256 + n).unwrap()
-}
-
-/// A byte-level tokenizer of 256 ids (three ChatML specials, then bytes 0..=252) with the
-/// ChatML template: fits every model here, whose vocabularies are 256 or more.
-fn write_tokenizer(dir: &Path) {
-    let specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
-    let mut vocab = serde_json::Map::new();
-    for (i, s) in specials.iter().enumerate() {
-        vocab.insert(s.to_string(), json!(i));
-    }
-    for b in 0..=252u8 {
-        vocab.insert(byte_char(b).to_string(), json!(3 + b as u32));
-    }
-    let added: Vec<Value> = specials
-        .iter()
-        .enumerate()
-        .map(|(i, s)| json!({"id": i, "content": s, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}))
-        .collect();
-    let tokenizer = json!({
-        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added, "normalizer": null,
-        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
-        "post_processor": null,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null, "end_of_word_suffix": null,
-                  "fuse_unk": false, "byte_fallback": false, "ignore_merges": false, "vocab": vocab, "merges": []}
-    });
-    std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string()).unwrap();
-    let chatml = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
-    let cfg = json!({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": null, "add_bos_token": false, "chat_template": chatml});
-    std::fs::write(dir.join("tokenizer_config.json"), cfg.to_string()).unwrap();
-}
-
 /// A copy of tests/fixtures/models/<fixture> with the tokenizer.
 fn tiny_model(dir: &Path, fixture: &str, name: &str) -> PathBuf {
     let m = dir.join(name);
@@ -75,7 +34,7 @@ fn tiny_model(dir: &Path, fixture: &str, name: &str) -> PathBuf {
     for f in ["config.json", "model.safetensors"] {
         std::fs::copy(root().join("tests/fixtures/models").join(fixture).join(f), m.join(f)).unwrap();
     }
-    write_tokenizer(&m);
+    write_chatml_tokenizer(&m);
     m
 }
 

@@ -62,3 +62,45 @@ pub fn write_word_text(path: &Path) {
         .collect();
     std::fs::write(path, lines).unwrap();
 }
+
+/// GPT-2's byte → char table (`bytes_to_unicode`), which byte-level BPE vocabularies use.
+fn byte_char(b: u8) -> char {
+    let printable = |x: u32| (33..=126).contains(&x) || (161..=172).contains(&x) || (174..=255).contains(&x);
+    if printable(b as u32) {
+        return char::from_u32(b as u32).unwrap();
+    }
+    let n = (0..b as u32).filter(|&x| !printable(x)).count() as u32;
+    char::from_u32(256 + n).unwrap()
+}
+
+/// A byte-level tokenizer of 256 ids (three ChatML specials, then bytes 0..=252, one token
+/// each) with the ChatML chat template: fits every fixture model, whose vocabularies are
+/// 256 or more.
+pub fn write_chatml_tokenizer(dir: &Path) {
+    use serde_json::{json, Value};
+    let specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
+    let mut vocab = serde_json::Map::new();
+    for (i, s) in specials.iter().enumerate() {
+        vocab.insert(s.to_string(), json!(i));
+    }
+    for b in 0..=252u8 {
+        vocab.insert(byte_char(b).to_string(), json!(3 + b as u32));
+    }
+    let added: Vec<Value> = specials
+        .iter()
+        .enumerate()
+        .map(|(i, s)| json!({"id": i, "content": s, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}))
+        .collect();
+    let tokenizer = json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added, "normalizer": null,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+        "post_processor": null,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                  "fuse_unk": false, "byte_fallback": false, "ignore_merges": false, "vocab": vocab, "merges": []}
+    });
+    std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string()).unwrap();
+    let chatml = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+    let cfg = json!({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": null, "add_bos_token": false, "chat_template": chatml});
+    std::fs::write(dir.join("tokenizer_config.json"), cfg.to_string()).unwrap();
+}
