@@ -109,6 +109,7 @@ const SECTIONS: &[(&str, &[&str])] = &[
             "save_total_limit",
             "eval_steps",
             "gradient_checkpointing",
+            "enable_activation_offloading",
             "resume_from_checkpoint",
             "report_to",
             "logging_dir",
@@ -452,6 +453,8 @@ struct RawTraining {
     eval_steps: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     gradient_checkpointing: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    enable_activation_offloading: Option<bool>,
     /// As in HF: `true` (latest checkpoint in output_dir), `false`, or a path.
     #[serde(skip_serializing_if = "Option::is_none")]
     resume_from_checkpoint: Option<Value>,
@@ -794,6 +797,8 @@ pub struct TrainingSection {
     /// None = evaluate only at the end (when there is eval data).
     pub eval_steps: Option<usize>,
     pub gradient_checkpointing: bool,
+    /// Checkpointed block inputs wait in pinned host memory (CUDA; torchtune's name).
+    pub enable_activation_offloading: bool,
     pub resume_from_checkpoint: Option<ResumeFromCheckpoint>,
     /// Where metrics go besides `<output_dir>/metrics.jsonl`, which is always written
     /// (as HF always keeps `log_history`).
@@ -1531,6 +1536,17 @@ fn validate(raw: RawConfig) -> VResult<TrainConfig> {
         save_total_limit: t.save_total_limit,
         eval_steps: t.eval_steps,
         gradient_checkpointing: t.gradient_checkpointing.unwrap_or(true),
+        enable_activation_offloading: {
+            let on = t.enable_activation_offloading.unwrap_or(false);
+            // What is offloaded is the checkpointed block inputs: without checkpointing
+            // there are none, and the key would silently do nothing.
+            check(!on || t.gradient_checkpointing.unwrap_or(true), || {
+                "`training.enable_activation_offloading` = true needs `training.gradient_checkpointing` = true \
+                 (it moves the checkpointed block inputs to host memory)"
+                    .into()
+            })?;
+            on
+        },
         resume_from_checkpoint,
         report_to,
         logging_dir,
@@ -1935,6 +1951,7 @@ impl TrainConfig {
                 save_total_limit: tr.save_total_limit,
                 eval_steps: tr.eval_steps,
                 gradient_checkpointing: Some(tr.gradient_checkpointing),
+                enable_activation_offloading: Some(tr.enable_activation_offloading),
                 resume_from_checkpoint: tr.resume_from_checkpoint.as_ref().map(|r| match r {
                     ResumeFromCheckpoint::Latest => Value::Bool(true),
                     ResumeFromCheckpoint::Path(p) => Value::String(path_str(p)),
@@ -2595,6 +2612,19 @@ training:
         assert!(e.contains("`training.save_strategy`") && e.contains("did you mean \"epoch\""), "{e}");
         let e = err_of(toml_cfg(&minimal_plus("training", "optim = \"paged_adamw8bit\"")));
         assert!(e.contains("`training.optim`") && e.contains("did you mean \"paged_adamw_8bit\""), "{e}");
+    }
+
+    #[test]
+    fn activation_offloading_needs_checkpointing_and_round_trips() {
+        assert!(!toml_cfg(&minimal_plus("training", "")).unwrap().training.enable_activation_offloading);
+        let c = toml_cfg(&minimal_plus("training", "enable_activation_offloading = true")).unwrap();
+        assert!(c.training.enable_activation_offloading && c.training.gradient_checkpointing);
+        assert!(toml_cfg(&c.to_toml_string().unwrap()).unwrap().training.enable_activation_offloading);
+        let e = err_of(toml_cfg(&minimal_plus(
+            "training",
+            "enable_activation_offloading = true\ngradient_checkpointing = false",
+        )));
+        assert!(e.contains("`training.enable_activation_offloading`") && e.contains("gradient_checkpointing"), "{e}");
     }
 
     #[test]

@@ -577,11 +577,21 @@ impl Linear {
             _ => x.clone(),
         };
         let u = xd.matmul(&a.t()?)?;
-        y = (y + (u.matmul(&b.t()?)? * lt.scaling)?)?;
+        if accumulates_in_place(&[&y, &u, b]) {
+            // y is this call's own fresh GEMM output: add s·u·Bᵀ into it with one β = 1 GEMM.
+            #[cfg(feature = "cuda")]
+            crate::kernels::gemm::add_matmul(&y, &u, b, true, lt.scaling as f32)?;
+        } else {
+            y = (y + (u.matmul(&b.t()?)? * lt.scaling)?)?;
+        }
         Ok((y, save.then_some(LinearSaved { xd, u })))
     }
 
-    /// dX for upstream gradient `dy` [N, out]; accumulates dA, dB into `grads`.
+    /// dX for upstream gradient `dy` [N, out], added to `into` when given (the dX of
+    /// linears that share an input: q/k/v, gate/up); accumulates dA, dB into `grads`.
+    /// `into` must be the caller's own tensor (a dX an earlier call returned): on a CUDA
+    /// device it is written in place by β = 1 GEMMs.
+    #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
         dy: &Tensor,
@@ -590,9 +600,18 @@ impl Linear {
         params: &LoraParams,
         grads: &mut LoraGrads,
         dropout: Option<DropoutSeed>,
+        into: Option<Tensor>,
     ) -> Result<Tensor> {
         let w = self.weight.dense_as(dy)?;
-        let mut dx = dy.matmul(&w)?;
+        let mut dx = match into {
+            Some(acc) if accumulates_in_place(&[&acc, dy, &w]) => {
+                #[cfg(feature = "cuda")]
+                crate::kernels::gemm::add_matmul(&acc, dy, &w, false, 1.0)?;
+                acc
+            }
+            Some(acc) => (acc + dy.matmul(&w)?)?,
+            None => dy.matmul(&w)?,
+        };
         if let (Some(idx), Some(lt)) = (self.lora, lora) {
             let saved = saved.ok_or_else(|| Error::Msg("LoRA backward without saved activations".into()))?;
             let (a, b) = &lt.ab[idx];
@@ -602,16 +621,40 @@ impl Linear {
             let dyb = dy.matmul(b)?; // [N, r]
             grads.add_outer(e.b_offset, dy, &saved.u, s)?;
             grads.add_outer(e.a_offset, &dyb, &saved.xd, s)?;
-            let mut dxl = (dyb.matmul(a)? * s)?;
-            if let Some(seed) = dropout {
-                if lt.dropout > 0.0 {
+            let dropout = dropout.filter(|_| lt.dropout > 0.0);
+            if dropout.is_none() && accumulates_in_place(&[&dx, &dyb, a]) {
+                #[cfg(feature = "cuda")]
+                crate::kernels::gemm::add_matmul(&dx, &dyb, a, false, s as f32)?;
+            } else {
+                let mut dxl = (dyb.matmul(a)? * s)?;
+                if let Some(seed) = dropout {
                     // Dropout is linear with the same mask (and 1/(1-p) scale) in both passes.
                     dxl = apply_dropout(&dxl, lt.dropout, seed)?;
                 }
+                dx = (dx + dxl)?;
             }
-            dx = (dx + dxl)?;
         }
         Ok(dx)
+    }
+}
+
+/// Whether products can be added onto a GEMM output in place with β = 1 GEMMs
+/// (`kernels::gemm::add_matmul`): contiguous operands of one kernel dtype on a CUDA device,
+/// fused kernels enabled. Elsewhere (CPU, f64 gradient checks) candle's ops do it.
+fn accumulates_in_place(ts: &[&Tensor]) -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        let dt = ts[0].dtype();
+        crate::kernels::fused::enabled()
+            && ts.iter().all(|t| {
+                t.device().is_cuda() && t.device().same_device(ts[0].device()) && t.dtype() == dt && t.is_contiguous()
+            })
+            && matches!(dt, DType::BF16 | DType::F16 | DType::F32)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = ts;
+        false
     }
 }
 

@@ -79,7 +79,8 @@ impl ModelShape {
 #[derive(Debug, Clone, PartialEq)]
 pub enum BenchCase {
     /// One optimizer step of the LoRA student (forward, fused CE, backward, AdamW).
-    Student { shape: ModelShape, nf4: bool, batch: usize, seq: usize, checkpointing: bool },
+    /// `offload`: checkpointed block inputs in pinned host memory (with `checkpointing`).
+    Student { shape: ModelShape, nf4: bool, batch: usize, seq: usize, checkpointing: bool, offload: bool },
     /// Teacher-style inference forward: final hidden states and the LM head's logits, as
     /// the HF baseline's `model(ids).logits`.
     Teacher { shape: ModelShape, nf4: bool, batch: usize, seq: usize },
@@ -103,13 +104,17 @@ pub enum BenchCase {
 impl BenchCase {
     pub fn label(&self) -> String {
         match self {
-            BenchCase::Student { shape, nf4, batch, seq, checkpointing } => format!(
+            BenchCase::Student { shape, nf4, batch, seq, checkpointing, offload } => format!(
                 "{} {} {}x{} {}",
                 if *nf4 { "qlora nf4" } else { "lora bf16" },
                 shape.name(),
                 batch,
                 seq,
-                if *checkpointing { "gc" } else { "nogc" }
+                match (checkpointing, offload) {
+                    (true, true) => "gc+offload",
+                    (true, false) => "gc",
+                    _ => "nogc",
+                }
             ),
             BenchCase::Teacher { shape, nf4, batch, seq } => {
                 format!("teacher fwd {} {} {}x{}", if *nf4 { "nf4" } else { "bf16" }, shape.name(), batch, seq)
@@ -172,12 +177,15 @@ impl BenchSpec {
             let (b, s) = if shape == ModelShape::Tiny { (2, 16) } else { (2, 2048) };
             for nf4 in [false, true] {
                 cases.push(BenchCase::Teacher { shape, nf4, batch: 2 * b, seq: s });
+                let student = |batch, checkpointing, offload| BenchCase::Student { shape, nf4, batch, seq: s, checkpointing, offload };
                 if nf4 {
-                    cases.push(BenchCase::Student { shape, nf4, batch: 2 * b, seq: s, checkpointing: true });
-                    cases.push(BenchCase::Student { shape, nf4, batch: b, seq: s, checkpointing: false });
+                    cases.push(student(2 * b, true, false));
+                    cases.push(student(2 * b, true, true));
+                    cases.push(student(b, false, false));
                 } else {
-                    cases.push(BenchCase::Student { shape, nf4, batch: b, seq: s, checkpointing: false });
-                    cases.push(BenchCase::Student { shape, nf4, batch: 2 * b, seq: s, checkpointing: true });
+                    cases.push(student(b, false, false));
+                    cases.push(student(2 * b, true, false));
+                    cases.push(student(2 * b, true, true));
                 }
             }
         }
@@ -473,8 +481,9 @@ fn run_case(spec: &BenchSpec, case: &BenchCase, model: Option<&mut Model>, probe
 fn run_single(spec: &BenchSpec, case: &BenchCase, model: Option<&mut Model>, probe: &DeviceProbe) -> anyhow::Result<BenchRow> {
     let device = &spec.device;
     match *case {
-        BenchCase::Student { batch, seq, checkpointing, .. } => {
+        BenchCase::Student { batch, seq, checkpointing, offload, .. } => {
             let model = model.ok_or_else(|| anyhow!("no model"))?;
+            model.set_activation_offloading(offload && checkpointing)?;
             let modules = model.attach_lora(&lora_spec())?;
             let mut params = LoraParams::init(&lora_spec(), &modules, spec.seed);
             // PEFT starts B at zero; random B makes every gradient path carry real values.
@@ -910,14 +919,21 @@ pub fn run_selftest(spec: &SelftestSpec) -> anyhow::Result<SelftestReport> {
             );
         }
     }
-    for ckpt in [false, true] {
+    for (ckpt, offload) in [(false, false), (true, false), (true, true)] {
+        let how = if offload { "checkpointing=true, block inputs offloaded to host".to_string() } else { format!("checkpointing={ckpt}") };
         record(
-            format!("llama-peft CE grads (checkpointing={ckpt}) vs PEFT"),
-            catch(&|| check_peft_grads(&models, "llama-peft", "llama", dev, false, ckpt)),
+            format!("llama-peft CE grads ({how}) vs PEFT"),
+            catch(&|| check_peft_grads(&models, "llama-peft", "llama", dev, false, ckpt, offload)),
         );
     }
-    record("llama-peft distill grads vs PEFT".into(), catch(&|| check_peft_grads(&models, "llama-peft", "llama", dev, true, true)));
-    record("gemma2-peft rsLoRA CE grads vs PEFT".into(), catch(&|| check_peft_grads(&models, "gemma2-peft", "gemma2", dev, false, false)));
+    record(
+        "llama-peft distill grads vs PEFT".into(),
+        catch(&|| check_peft_grads(&models, "llama-peft", "llama", dev, true, true, false)),
+    );
+    record(
+        "gemma2-peft rsLoRA CE grads vs PEFT".into(),
+        catch(&|| check_peft_grads(&models, "gemma2-peft", "gemma2", dev, false, false, false)),
+    );
     record("llama nf4 model on device vs CPU".into(), catch(&|| check_nf4_model(&models.join("llama"), dev)));
     #[cfg(feature = "cuda")]
     {
@@ -976,7 +992,15 @@ fn check_logits(dir: &Path, device: &Device, dtype: DType, tol: f64) -> anyhow::
     Ok((err < tol, format!("max |Δlogit|/max|logit| = {err:.2e} (tol {tol:.0e})")))
 }
 
-fn check_peft_grads(models: &Path, name: &str, base: &str, device: &Device, distill: bool, ckpt: bool) -> anyhow::Result<(bool, String)> {
+fn check_peft_grads(
+    models: &Path,
+    name: &str,
+    base: &str,
+    device: &Device,
+    distill: bool,
+    ckpt: bool,
+    offload: bool,
+) -> anyhow::Result<(bool, String)> {
     let dir = models.join(name);
     let acfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json"))?)?;
     let mut targets: Vec<String> = acfg["target_modules"]
@@ -994,6 +1018,7 @@ fn check_peft_grads(models: &Path, name: &str, base: &str, device: &Device, dist
         target_modules: targets,
     };
     let mut model = load_fixture_model(&models.join(base), false, device, DType::F32)?;
+    model.set_activation_offloading(offload)?;
     let modules = model.attach_lora(&spec)?;
     let mut params = LoraParams::init(&spec, &modules, 0);
     let adapter: Vec<(String, Tensor)> = candle_core::safetensors::load(dir.join("adapter_model.safetensors"), &Device::Cpu)?.into_iter().collect();

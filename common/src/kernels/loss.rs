@@ -17,14 +17,12 @@
 //! The chunk size is the caller's `chunk_tokens`: the two buffers hold
 //! chunk·(Vs + Vt) logits (1 GiB in bf16 at 2048 rows and V = 128K each).
 
-use candle_core::cuda_backend::cudarc::cublas::result::gemm_strided_batched_ex;
-use candle_core::cuda_backend::cudarc::cublas::sys as cublas;
-use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
-use candle_core::cuda_backend::{gemm_reduced_precision_bf16, gemm_reduced_precision_f32, WrapErr};
-use candle_core::op::BackpropOp;
-use candle_core::{CudaDevice, CudaStorage, DType, Storage, Tensor};
+use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::WrapErr;
+use candle_core::{DType, Tensor};
 
-use super::{bf16, cuda_device, fused};
+use super::gemm::{dptr, to_i32, uninit, Gemm};
+use super::{cuda_device, fused};
 use crate::loss::{check_inputs, Checked, KdLoss, LossConfig, LossOutput, Teacher, TeacherOutput};
 use crate::{Error, Result};
 
@@ -69,115 +67,6 @@ pub fn applies(h: &Tensor, lm_head: &Tensor, teacher: &TeacherOutput) -> bool {
 
 fn msg(s: String) -> Error {
     Error::Msg(format!("fused_linear_distill (CUDA): {s}"))
-}
-
-fn to_i32(what: &str, v: usize) -> Result<i32> {
-    i32::try_from(v).map_err(|_| msg(format!("{what} = {v} exceeds the kernel's and cuBLAS' 32-bit sizes")))
-}
-
-/// Device address of the first element of `t` (its layout's start offset included).
-///
-/// All work of this module and of candle runs in order on the device's one stream, and the
-/// caller keeps `t` alive until its last launch is queued (a buffer freed after that is
-/// freed in stream order), so the address stays valid for every launch that uses it.
-fn dptr(t: &Tensor) -> Result<u64> {
-    let (st, layout) = t.storage_and_layout();
-    let Storage::Cuda(s) = &*st else {
-        return Err(msg(format!("a {:?} operand is not on a CUDA device", t.dims())));
-    };
-    let stream = s.device.cuda_stream();
-    let base = match t.dtype() {
-        DType::BF16 => s.as_cuda_slice::<bf16>()?.device_ptr(&stream).0,
-        DType::F32 => s.as_cuda_slice::<f32>()?.device_ptr(&stream).0,
-        DType::U32 => s.as_cuda_slice::<u32>()?.device_ptr(&stream).0,
-        other => return Err(msg(format!("no kernel takes a {other:?} operand"))),
-    };
-    Ok(base + (layout.start_offset() * t.dtype().size_in_bytes()) as u64)
-}
-
-/// A contiguous tensor of `shape` whose elements are whatever the pool held: every
-/// element is written by a GEMM or kernel before anything reads it.
-fn uninit(dev: &CudaDevice, dtype: DType, shape: &[usize]) -> Result<Tensor> {
-    let n: usize = shape.iter().product();
-    // SAFETY: as stated above; the callers write before they read.
-    let storage = match dtype {
-        DType::BF16 => CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<bf16>(n)? }, dev.clone()),
-        DType::F32 => CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<f32>(n)? }, dev.clone()),
-        other => return Err(msg(format!("no buffer of dtype {other:?}"))),
-    };
-    Ok(Tensor::from_storage(Storage::Cuda(storage), shape, BackpropOp::none(), false))
-}
-
-fn cuda_dtype(dt: DType) -> Result<cublas::cudaDataType_t> {
-    match dt {
-        DType::BF16 => Ok(cublas::cudaDataType_t::CUDA_R_16BF),
-        DType::F32 => Ok(cublas::cudaDataType_t::CUDA_R_32F),
-        other => Err(msg(format!("no GEMM for dtype {other:?}"))),
-    }
-}
-
-/// One row-major GEMM: `C[m, n] = A[m, k] · Bᵀ` for `B` `[n, k]` (`b_transposed`), else
-/// `A · B` for `B` `[k, n]`; `lda`, `ldb`, `ldc` are row strides in elements, all three
-/// matrices of `dtype`, accumulated in f32 with the same compute type as candle's matmul.
-struct Gemm {
-    m: usize,
-    n: usize,
-    k: usize,
-    a: u64,
-    lda: usize,
-    b: u64,
-    ldb: usize,
-    b_transposed: bool,
-    c: u64,
-    ldc: usize,
-}
-
-impl Gemm {
-    /// SAFETY: the addresses hold the matrices the shapes and strides describe, in `dtype`,
-    /// on `dev`, and stay allocated until the GEMM has run on candle's stream.
-    unsafe fn run(&self, dev: &CudaDevice, dtype: DType) -> Result<()> {
-        let data_type = cuda_dtype(dtype)?;
-        let compute = match dtype {
-            DType::BF16 if gemm_reduced_precision_bf16() => cublas::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16BF,
-            DType::F32 if gemm_reduced_precision_f32() => cublas::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32,
-            _ => cublas::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-        };
-        let (m, n, k) = (to_i32("GEMM m", self.m)?, to_i32("GEMM n", self.n)?, to_i32("GEMM k", self.k)?);
-        let (lda, ldb, ldc) = (to_i32("lda", self.lda)?, to_i32("ldb", self.ldb)?, to_i32("ldc", self.ldc)?);
-        let (alpha, beta) = (1f32, 0f32);
-        // cuBLAS is column-major, where a row-major X with row stride ld is Xᵀ with leading
-        // dimension ld. So Cᵀ[n, m] = op(B)ᵀ · Aᵀ: the first operand is B (transposed when
-        // B is [n, k]), the second A as it lies.
-        let op_b = if self.b_transposed { cublas::cublasOperation_t::CUBLAS_OP_T } else { cublas::cublasOperation_t::CUBLAS_OP_N };
-        let blas = dev.cublas_handle();
-        gemm_strided_batched_ex(
-            *blas.handle(),
-            op_b,
-            cublas::cublasOperation_t::CUBLAS_OP_N,
-            n,
-            m,
-            k,
-            &alpha as *const f32 as *const _,
-            self.b as *const _,
-            data_type,
-            ldb,
-            0,
-            self.a as *const _,
-            data_type,
-            lda,
-            0,
-            &beta as *const f32 as *const _,
-            self.c as *mut _,
-            data_type,
-            ldc,
-            0,
-            1,
-            compute,
-            cublas::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP,
-        )
-        .w()?;
-        Ok(())
-    }
 }
 
 fn dtype_name(dt: DType) -> &'static str {
@@ -316,7 +205,7 @@ pub fn fused_linear_distill_cuda(
         };
         // SAFETY: `a_ptr` addresses c rows of d elements of `h` (or its gathered copy,
         // alive to the end of this iteration); W is [Vs, d]; zs holds chunk ≥ c rows of Vs.
-        unsafe { Gemm { m: c, n: vs, k: d, a: a_ptr, lda: d, b: w_ptr, ldb: d, b_transposed: true, c: zs_ptr, ldc: vs }.run(dev, dtype)? };
+        unsafe { Gemm { m: c, n: vs, k: d, a: a_ptr, lda: d, b: w_ptr, ldb: d, b_transposed: true, c: zs_ptr, ldc: vs, alpha: 1.0, beta: 0.0 }.run(dev, dtype)? };
 
         let gathered_th;
         let (zt_ptr, zt_rows_on) = match &teacher {
@@ -335,7 +224,7 @@ pub fn fused_linear_distill_cuda(
                 let zt_ptr = dptr(zt_buf)?;
                 // SAFETY: as for the student GEMM, with the teacher's [N, dt] and [Vt, dt].
                 unsafe {
-                    Gemm { m: c, n: *vt, k: dt_, a: ta, lda: dt_, b: dptr(tw)?, ldb: dt_, b_transposed: true, c: zt_ptr, ldc: *vt }
+                    Gemm { m: c, n: *vt, k: dt_, a: ta, lda: dt_, b: dptr(tw)?, ldb: dt_, b_transposed: true, c: zt_ptr, ldc: *vt, alpha: 1.0, beta: 0.0 }
                         .run(dev, t_dtype)?
                 };
                 (zt_ptr, 0)
@@ -361,7 +250,7 @@ pub fn fused_linear_distill_cuda(
         if consecutive {
             let c_ptr = dh_ptr + rows[0] as u64 * d as u64 * esz;
             // SAFETY: zs now holds dz [c, Vs]; W is [Vs, d]; dh rows rows[0]..rows[0]+c exist.
-            unsafe { Gemm { m: c, n: d, k: vs, a: zs_ptr, lda: vs, b: w_ptr, ldb: d, b_transposed: false, c: c_ptr, ldc: d }.run(dev, dtype)? };
+            unsafe { Gemm { m: c, n: d, k: vs, a: zs_ptr, lda: vs, b: w_ptr, ldb: d, b_transposed: false, c: c_ptr, ldc: d, alpha: 1.0, beta: 0.0 }.run(dev, dtype)? };
         } else {
             if dh_gathered.is_none() {
                 dh_gathered = Some(uninit(dev, dtype, &[chunk, d])?);
@@ -369,7 +258,7 @@ pub fn fused_linear_distill_cuda(
             let tmp = dh_gathered.as_ref().ok_or_else(|| msg("no dh buffer".into()))?;
             let tmp_ptr = dptr(tmp)?;
             // SAFETY: as above, into the [chunk, d] buffer.
-            unsafe { Gemm { m: c, n: d, k: vs, a: zs_ptr, lda: vs, b: w_ptr, ldb: d, b_transposed: false, c: tmp_ptr, ldc: d }.run(dev, dtype)? };
+            unsafe { Gemm { m: c, n: d, k: vs, a: zs_ptr, lda: vs, b: w_ptr, ldb: d, b_transposed: false, c: tmp_ptr, ldc: d, alpha: 1.0, beta: 0.0 }.run(dev, dtype)? };
             let scatter = dev.get_or_load_custom_func(&format!("loss_scatter_rows_{}", dtype_name(dtype)), LOSS_MODULE, LOSS_PTX)?;
             let (n_rows, d_i64) = (c as i64, d as i64);
             let chunk_rows = rows_ptr + off;

@@ -21,8 +21,10 @@ use crate::{Error, Result};
 
 pub mod flash;
 pub mod fused;
+pub mod gemm;
 pub mod loss;
 pub mod nf4;
+pub mod offload;
 pub mod optim;
 pub use nf4::{CudaNf4, Nf4Launch, Nf4Out, NF4_BF16_DQ_VARIANTS, NF4_DEFAULT_LAUNCH};
 

@@ -109,11 +109,34 @@ pub struct Model {
     embed_scale: Option<f64>,
     device: Device,
     dtype: DType,
+    /// Checkpointed block inputs go to pinned host memory (`set_activation_offloading`).
+    #[cfg(feature = "cuda")]
+    offload: Option<std::sync::Mutex<crate::kernels::offload::HostOffload>>,
+}
+
+/// Without CUDA there is no device memory to spare: the offload store never exists.
+#[cfg(not(feature = "cuda"))]
+enum NoOffload {}
+
+#[cfg(not(feature = "cuda"))]
+impl NoOffload {
+    fn store(&mut self, _: usize, _: &Tensor) -> Result<()> {
+        match *self {}
+    }
+    fn end_forward(&mut self) -> Result<()> {
+        match *self {}
+    }
+    fn load(&mut self, _: usize) -> Result<Tensor> {
+        match *self {}
+    }
 }
 
 pub struct ModelSaved {
-    /// With checkpointing: each block's input (recomputed in backward); else None.
+    /// With checkpointing: each block's input (recomputed in backward), unless offloaded to
+    /// the host; empty without checkpointing.
     block_inputs: Vec<Tensor>,
+    /// The block inputs wait in host memory (`Model::set_activation_offloading`).
+    offloaded: bool,
     block_saved: Vec<BlockSaved>,
     final_norm: RmsNormSaved,
     shape: (usize, usize),
@@ -228,6 +251,8 @@ impl Model {
             rope,
             device: opts.device.clone(),
             dtype: dt,
+            #[cfg(feature = "cuda")]
+            offload: None,
         };
         // On a GPU the NF4 codes move to device memory once and the CUDA kernel
         // dequantizes them before each GEMM.
@@ -238,6 +263,37 @@ impl Model {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// With gradient checkpointing, keep each block's input in pinned host memory between
+    /// the forward and the backward instead of on the GPU (what Unsloth calls "unsloth"
+    /// checkpointing, torchtune `enable_activation_offloading`): at Llama-3-8B and 4×2048
+    /// tokens, 2 GiB less device memory, the copies overlapped with compute. On the CPU
+    /// there is no separate device memory, so it changes nothing there.
+    pub fn set_activation_offloading(&mut self, on: bool) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        {
+            self.offload = match (&self.device, on) {
+                (Device::Cuda(d), true) => Some(std::sync::Mutex::new(crate::kernels::offload::HostOffload::new(d)?)),
+                _ => None,
+            };
+        }
+        let _ = on;
+        Ok(())
+    }
+
+    /// The offload store, locked for one forward or backward (None when not offloading).
+    #[cfg(feature = "cuda")]
+    fn offload(&self) -> Result<Option<std::sync::MutexGuard<'_, crate::kernels::offload::HostOffload>>> {
+        self.offload
+            .as_ref()
+            .map(|m| m.lock().map_err(|_| Error::Msg("activation offloading: a previous step panicked".into())))
+            .transpose()
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn offload(&self) -> Result<Option<NoOffload>> {
+        Ok(None)
     }
 
     pub fn dtype(&self) -> DType {
@@ -307,9 +363,13 @@ impl Model {
         let mut x = self.embed_tokens(ids)?;
         let mut block_inputs = Vec::new();
         let mut block_saved = Vec::new();
+        let mut offload = if checkpointing { self.offload()? } else { None };
         for (li, blk) in self.blocks.iter().enumerate() {
             if checkpointing {
-                block_inputs.push(x.clone());
+                match offload.as_mut() {
+                    Some(o) => o.store(li, &x)?,
+                    None => block_inputs.push(x.clone()),
+                }
                 x = blk.forward(&x, ctx, li, &self.rope, self.unit_offset, self.cfg.rms_norm_eps, false)?.0;
             } else {
                 let (y, s) = blk.forward(&x, ctx, li, &self.rope, self.unit_offset, self.cfg.rms_norm_eps, true)?;
@@ -317,9 +377,13 @@ impl Model {
                 x = y;
             }
         }
+        let offloaded = offload.is_some();
+        if let Some(mut o) = offload {
+            o.end_forward()?;
+        }
         let (h, final_norm) = rms_norm_fwd(&x, &self.norm, self.cfg.rms_norm_eps, self.unit_offset)?;
         let h = h.reshape((b * t, self.cfg.hidden_size))?;
-        Ok((h, ModelSaved { block_inputs, block_saved, final_norm, shape: (b, t) }))
+        Ok((h, ModelSaved { block_inputs, offloaded, block_saved, final_norm, shape: (b, t) }))
     }
 
     /// Backward from dL/dh [B·T, d]; accumulates adapter gradients into `grads`.
@@ -334,10 +398,15 @@ impl Model {
         let (b, t) = saved.shape;
         let dh = dh.reshape((b, t, self.cfg.hidden_size))?;
         let mut dx = rms_norm_bwd(&dh, &self.norm, self.unit_offset, &saved.final_norm)?;
-        let ModelSaved { block_inputs, mut block_saved, .. } = saved;
+        let ModelSaved { block_inputs, offloaded, mut block_saved, .. } = saved;
+        let mut offload = if offloaded { self.offload()? } else { None };
         for li in (0..self.blocks.len()).rev() {
             let blk = &self.blocks[li];
-            let s = if block_inputs.is_empty() {
+            let s = if let Some(o) = offload.as_mut() {
+                let input = o.load(li)?;
+                let (_, s) = blk.forward(&input, ctx, li, &self.rope, self.unit_offset, self.cfg.rms_norm_eps, true)?;
+                s.expect("saved")
+            } else if block_inputs.is_empty() {
                 block_saved.pop().expect("one saved per block")
             } else {
                 // Recompute this block's forward with saves; dropout masks are seeded per
@@ -510,31 +579,34 @@ impl Block {
         let (b, t, d) = dy.dims3()?;
         let n = b * t;
         let (hq, hkv, hd) = (self.attn.n_heads, self.attn.n_kv_heads, self.attn.head_dim);
-        let lin_bwd = |k: usize, g: &Tensor, grads: &mut LoraGrads| -> Result<Tensor> {
-            self.linears[k].backward(g, s.lin[k].as_ref(), ctx.lora, params, grads, ctx.dropout(layer, k))
+        // `into`: linears that read one input (q/k/v, gate/up) sum their dX in one buffer.
+        let lin_bwd = |k: usize, g: &Tensor, grads: &mut LoraGrads, into: Option<Tensor>| -> Result<Tensor> {
+            self.linears[k].backward(g, s.lin[k].as_ref(), ctx.lora, params, grads, ctx.dropout(layer, k), into)
         };
         // Feed-forward half: x2 = x1 + post(down(act(gate)·up)).
         let mut ddn = dy.clone();
         if let (Some(w), Some(ps)) = (&self.ffn_post_norm, &s.ffn_post) {
             ddn = rms_norm_bwd(&ddn, w, unit_offset, ps)?;
         }
-        let dm = lin_bwd(6, &ddn.reshape((n, d))?, grads)?;
+        let dm = lin_bwd(6, &ddn.reshape((n, d))?, grads, None)?;
         let (dgate, dup) = glu_bwd(&dm, &s.gate, &s.up, self.act.clone())?;
-        let dh2 = (lin_bwd(4, &dgate, grads)? + lin_bwd(5, &dup, grads)?)?;
+        let dh2 = lin_bwd(4, &dgate, grads, None)?;
+        let dh2 = lin_bwd(5, &dup, grads, Some(dh2))?;
         let dx1 = (dy + rms_norm_bwd(&dh2.reshape((b, t, d))?, &self.ffn_norm, unit_offset, &s.n2)?)?;
         // Attention half: x1 = x + post(o_proj(attn(...))).
         let mut da = dx1.clone();
         if let (Some(w), Some(ps)) = (&self.attn_post_norm, &s.attn_post) {
             da = rms_norm_bwd(&da, w, unit_offset, ps)?;
         }
-        let dout = lin_bwd(3, &da.reshape((n, d))?, grads)?;
+        let dout = lin_bwd(3, &da.reshape((n, d))?, grads, None)?;
         let dout = dout.reshape((b, t, hq, hd))?.transpose(1, 2)?.contiguous()?;
         let (dq, dk, dv) = attention_bwd(&dout, &s.attn, &self.attn, ctx.segment_ids)?;
         let dq = rope_bwd(&dq, rope, ctx.position_ids)?;
         let dk = rope_bwd(&dk, rope, ctx.position_ids)?;
         let flat = |g: Tensor, h: usize| -> Result<Tensor> { Ok(g.transpose(1, 2)?.contiguous()?.reshape((n, h * hd))?) };
-        let dh1 = ((lin_bwd(0, &flat(dq, hq)?, grads)? + lin_bwd(1, &flat(dk, hkv)?, grads)?)?
-            + lin_bwd(2, &flat(dv, hkv)?, grads)?)?;
+        let dh1 = lin_bwd(0, &flat(dq, hq)?, grads, None)?;
+        let dh1 = lin_bwd(1, &flat(dk, hkv)?, grads, Some(dh1))?;
+        let dh1 = lin_bwd(2, &flat(dv, hkv)?, grads, Some(dh1))?;
         let dx = (dx1 + rms_norm_bwd(&dh1.reshape((b, t, d))?, &self.attn_norm, unit_offset, &s.n1)?)?;
         Ok(dx)
     }
@@ -659,6 +731,8 @@ impl Model {
             rope,
             device: opts.device.clone(),
             dtype: dt,
+            #[cfg(feature = "cuda")]
+            offload: None,
         })
     }
 
