@@ -248,10 +248,11 @@ __device__ __forceinline__ void glu_fwd(const T* __restrict__ gate, const T* __r
   }
 }
 
+// gate/dgate and up/dup may be the same buffers (the in-place entry point): each element is
+// read before it is written, by the one thread that owns it, hence no __restrict__ there.
 template <typename T, int VEC, typename Act>
-__device__ __forceinline__ void glu_bwd(const T* __restrict__ dm, const T* __restrict__ gate,
-                                        const T* __restrict__ up, T* __restrict__ dgate,
-                                        T* __restrict__ dup, int64_t n_vec) {
+__device__ __forceinline__ void glu_bwd(const T* __restrict__ dm, const T* gate, const T* up,
+                                        T* dgate, T* dup, int64_t n_vec) {
   const int64_t stride = (int64_t)blockDim.x * gridDim.x;
   for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n_vec; i += stride) {
     float d[VEC], g[VEC], u[VEC], dg[VEC], du[VEC];
@@ -280,6 +281,10 @@ __device__ __forceinline__ void glu_bwd(const T* __restrict__ dm, const T* __res
       const T* __restrict__ dm, const T* __restrict__ gate, const T* __restrict__ up,       \
       T* __restrict__ dgate, T* __restrict__ dup, int64_t n_vec) {                          \
     glu_bwd<T, VEC, ACT>(dm, gate, up, dgate, dup, n_vec);                                  \
+  }                                                                                         \
+  extern "C" __global__ void fused_glu_bwd_inplace_##ACTNAME##_##SUFFIX(                    \
+      const T* __restrict__ dm, T* gate_dgate, T* up_dup, int64_t n_vec) {                  \
+    glu_bwd<T, VEC, ACT>(dm, gate_dgate, up_dup, gate_dgate, up_dup, n_vec);                \
   }
 
 // ---------------------------------------------------------------------------------------

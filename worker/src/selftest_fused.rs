@@ -225,10 +225,14 @@ fn glu_case(device: &Device, dims: &[usize], act: Activation, dtype: DType, offs
         let (dg, du) = fused::glu_bwd(&dm, &gate, &up, act)?;
         let (dg_ref, du_ref) = glu_bwd_reference(&dm32, &gate32, &up32, act)?;
         let lows = low.then(|| glu_bwd_reference(&dm, &gate, &up, act)).transpose()?;
-        let bwd = judge(&[
+        let (ok, report) = judge(&[
             Out { name: "dgate", got: &dg, want: &dg_ref, candle_low: lows.as_ref().map(|l| &l.0), tol },
             Out { name: "dup", got: &du, want: &du_ref, candle_low: lows.as_ref().map(|l| &l.1), tol },
         ])?;
+        // The in-place kernel (dgate over gate, dup over up) does the same arithmetic.
+        let (dg_in, du_in) = fused::glu_bwd_in_place(&dm, gate.copy()?, up.copy()?, act)?;
+        let same = same_bits(&dg_in, &dg)? && same_bits(&du_in, &du)?;
+        let bwd = (ok && same, format!("{report}; in place = out of place bit for bit: {same}"));
         Ok([fwd, bwd])
     };
     fwd_bwd(names, run())

@@ -16,6 +16,7 @@ use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::op::BackpropOp;
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Shape, Storage, Tensor, D};
 
+use super::gemm::dptr;
 use super::{bf16, cuda_device};
 use crate::ops::activation::Activation;
 use crate::ops::rope::RopeTable;
@@ -422,6 +423,45 @@ pub fn glu_bwd(dm: &Tensor, gate: &Tensor, up: &Tensor, act: Activation) -> Resu
         DType::F32 => glu_bwd_t::<f32>(dm, gate, up, act),
         dt => Err(unsupported("fused glu_bwd", dt)),
     }
+}
+
+/// [`glu_bwd`] writing dgate over `gate` and dup over `up`, which it takes: at 8K tokens
+/// and FFN 14336 that is two 235 MB buffers fewer at the backward's memory peak. `gate` and
+/// `up` must be contiguous tensors no one else holds (the block's own saved activations).
+pub fn glu_bwd_in_place(dm: &Tensor, gate: Tensor, up: Tensor, act: Activation) -> Result<(Tensor, Tensor)> {
+    let op = "fused glu_bwd (in place)";
+    check_operand(op, "up", &up, &gate, gate.dims())?;
+    check_operand(op, "dm", dm, &gate, gate.dims())?;
+    if !gate.is_contiguous() || !up.is_contiguous() {
+        return Err(Error::Msg(format!("{op}: gate and up must be contiguous to be overwritten")));
+    }
+    let n = gate.elem_count();
+    if n == 0 {
+        return Err(Error::Msg(format!("{op}: input of shape {:?} is empty", gate.dims())));
+    }
+    let dm = dm.contiguous()?;
+    match gate.dtype() {
+        DType::BF16 => glu_bwd_in_place_t::<bf16>(&dm, &gate, &up, act)?,
+        DType::F32 => glu_bwd_in_place_t::<f32>(&dm, &gate, &up, act)?,
+        dt => return Err(unsupported(op, dt)),
+    }
+    Ok((gate, up))
+}
+
+fn glu_bwd_in_place_t<T: Elem>(dm: &Tensor, gate: &Tensor, up: &Tensor, act: Activation) -> Result<()> {
+    let n = gate.elem_count();
+    let dev = cuda_device(gate.device())?;
+    let vec = pick_vec::<T>(&[n, dm.layout().start_offset(), gate.layout().start_offset(), up.layout().start_offset()]);
+    let func = dev.get_or_load_custom_func(&format!("fused_glu_bwd_inplace_{}_{}_v{vec}", act_name(act), T::NAME), FUSED_MODULE, FUSED_PTX)?;
+    let n_vec = (n / vec) as i64;
+    let (dm_ptr, g_ptr, u_ptr) = (dptr(dm)?, dptr(gate)?, dptr(up)?);
+    let mut b = func.builder();
+    b.arg(&dm_ptr).arg(&g_ptr).arg(&u_ptr).arg(&n_vec);
+    // SAFETY: arguments match fused_glu_bwd_inplace_* in fused.cu; the three buffers hold
+    // n = n_vec · vec elements of T from offsets that are multiples of vec; gate and up are
+    // owned by the caller, which hands them back as the outputs.
+    unsafe { b.launch(grid_stride_cfg(n / vec)) }.w()?;
+    Ok(())
 }
 
 fn glu_bwd_t<T: Elem>(dm: &Tensor, gate: &Tensor, up: &Tensor, act: Activation) -> Result<(Tensor, Tensor)> {

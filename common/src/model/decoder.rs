@@ -17,7 +17,7 @@ use super::{Family, ModelConfig};
 use crate::lora::{BaseWeight, DropoutSeed, Linear, LinearSaved, LoraGrads, LoraParams, LoraSpec, LoraTensors};
 use crate::nf4::Nf4Tensor;
 use crate::ops::attention::{attention_bwd, attention_fwd, AttnConfig, AttnSaved};
-use crate::ops::activation::{glu_bwd, glu_fwd, Activation};
+use crate::ops::activation::{glu_bwd_in_place, glu_fwd, Activation};
 use crate::ops::embedding::embedding_fwd;
 use crate::ops::rms_norm::{rms_norm_bwd, rms_norm_fwd, RmsNormSaved};
 use crate::ops::rope::{rope_bwd, rope_fwd, RopeTable};
@@ -270,6 +270,10 @@ impl Model {
     /// checkpointing, torchtune `enable_activation_offloading`): at Llama-3-8B and 4×2048
     /// tokens, 2 GiB less device memory, the copies overlapped with compute. On the CPU
     /// there is no separate device memory, so it changes nothing there.
+    ///
+    /// An input embedding that is not tied to the LM head (Llama-3-8B: 1 GiB in bf16) also
+    /// moves to host memory: it is frozen and read only at the batch's rows, which are
+    /// gathered there and copied over (64 MiB at 8K tokens and d = 4096).
     pub fn set_activation_offloading(&mut self, on: bool) -> Result<()> {
         #[cfg(feature = "cuda")]
         {
@@ -277,6 +281,10 @@ impl Model {
                 (Device::Cuda(d), true) => Some(std::sync::Mutex::new(crate::kernels::offload::HostOffload::new(d)?)),
                 _ => None,
             };
+            if self.lm_head.is_some() && self.device.is_cuda() {
+                let home = if on { Device::Cpu } else { self.device.clone() };
+                self.embed = self.embed.to_device(&home)?;
+            }
         }
         let _ = on;
         Ok(())
@@ -353,7 +361,13 @@ impl Model {
     }
 
     fn embed_tokens(&self, ids: &Tensor) -> Result<Tensor> {
-        embedding_fwd(ids, &self.embed, self.embed_scale)
+        if self.embed.device().same_device(ids.device()) {
+            return embedding_fwd(ids, &self.embed, self.embed_scale);
+        }
+        // The table waits in host memory (activation offloading): gather the batch's rows
+        // there and move only them.
+        let rows = embedding_fwd(&ids.to_device(self.embed.device())?, &self.embed, self.embed_scale)?;
+        Ok(rows.to_device(ids.device())?)
     }
 
     /// Forward for training: returns the final normed hidden states [B·T, d] and what the
@@ -579,35 +593,45 @@ impl Block {
         let (b, t, d) = dy.dims3()?;
         let n = b * t;
         let (hq, hkv, hd) = (self.attn.n_heads, self.attn.n_kv_heads, self.attn.head_dim);
+        // Every saved activation is dropped as soon as its last reader is done, so the
+        // memory peak of a block's backward holds as few [N, FFN] buffers as possible.
+        let BlockSaved { n1, mut lin, attn, attn_post, n2, gate, up, ffn_post } = s;
         // `into`: linears that read one input (q/k/v, gate/up) sum their dX in one buffer.
-        let lin_bwd = |k: usize, g: &Tensor, grads: &mut LoraGrads, into: Option<Tensor>| -> Result<Tensor> {
-            self.linears[k].backward(g, s.lin[k].as_ref(), ctx.lora, params, grads, ctx.dropout(layer, k), into)
+        let mut lin_bwd = |k: usize, g: &Tensor, grads: &mut LoraGrads, into: Option<Tensor>| -> Result<Tensor> {
+            let saved = lin[k].take();
+            self.linears[k].backward(g, saved.as_ref(), ctx.lora, params, grads, ctx.dropout(layer, k), into)
         };
         // Feed-forward half: x2 = x1 + post(down(act(gate)·up)).
         let mut ddn = dy.clone();
-        if let (Some(w), Some(ps)) = (&self.ffn_post_norm, &s.ffn_post) {
+        if let (Some(w), Some(ps)) = (&self.ffn_post_norm, &ffn_post) {
             ddn = rms_norm_bwd(&ddn, w, unit_offset, ps)?;
         }
         let dm = lin_bwd(6, &ddn.reshape((n, d))?, grads, None)?;
-        let (dgate, dup) = glu_bwd(&dm, &s.gate, &s.up, self.act.clone())?;
+        // dgate and dup overwrite gate and up, which nothing reads after this.
+        let (dgate, dup) = glu_bwd_in_place(&dm, gate, up, self.act.clone())?;
+        drop(dm);
         let dh2 = lin_bwd(4, &dgate, grads, None)?;
+        drop(dgate);
         let dh2 = lin_bwd(5, &dup, grads, Some(dh2))?;
-        let dx1 = (dy + rms_norm_bwd(&dh2.reshape((b, t, d))?, &self.ffn_norm, unit_offset, &s.n2)?)?;
+        drop(dup);
+        let dx1 = (dy + rms_norm_bwd(&dh2.reshape((b, t, d))?, &self.ffn_norm, unit_offset, &n2)?)?;
+        drop(n2);
         // Attention half: x1 = x + post(o_proj(attn(...))).
         let mut da = dx1.clone();
-        if let (Some(w), Some(ps)) = (&self.attn_post_norm, &s.attn_post) {
+        if let (Some(w), Some(ps)) = (&self.attn_post_norm, &attn_post) {
             da = rms_norm_bwd(&da, w, unit_offset, ps)?;
         }
         let dout = lin_bwd(3, &da.reshape((n, d))?, grads, None)?;
         let dout = dout.reshape((b, t, hq, hd))?.transpose(1, 2)?.contiguous()?;
-        let (dq, dk, dv) = attention_bwd(&dout, &s.attn, &self.attn, ctx.segment_ids)?;
+        let (dq, dk, dv) = attention_bwd(&dout, &attn, &self.attn, ctx.segment_ids)?;
+        drop((dout, attn));
         let dq = rope_bwd(&dq, rope, ctx.position_ids)?;
         let dk = rope_bwd(&dk, rope, ctx.position_ids)?;
         let flat = |g: Tensor, h: usize| -> Result<Tensor> { Ok(g.transpose(1, 2)?.contiguous()?.reshape((n, h * hd))?) };
         let dh1 = lin_bwd(0, &flat(dq, hq)?, grads, None)?;
         let dh1 = lin_bwd(1, &flat(dk, hkv)?, grads, Some(dh1))?;
         let dh1 = lin_bwd(2, &flat(dv, hkv)?, grads, Some(dh1))?;
-        let dx = (dx1 + rms_norm_bwd(&dh1.reshape((b, t, d))?, &self.attn_norm, unit_offset, &s.n1)?)?;
+        let dx = (dx1 + rms_norm_bwd(&dh1.reshape((b, t, d))?, &self.attn_norm, unit_offset, &n1)?)?;
         Ok(dx)
     }
 }

@@ -136,6 +136,17 @@ pub fn glu_bwd(
     glu_bwd_reference(dy, gate, up, act)
 }
 
+/// [`glu_bwd`] that may write dgate over `gate` and dup over `up` (the fused CUDA kernel
+/// does; elsewhere new tensors are returned): for a backward that no longer needs them.
+pub fn glu_bwd_in_place(dy: &Tensor, gate: Tensor, up: Tensor, act: Activation) -> Result<(Tensor, Tensor)> {
+    check_bwd(dy, &gate, &up)?;
+    #[cfg(feature = "cuda")]
+    if crate::kernels::fused::applies(&[dy, &gate, &up]) && gate.is_contiguous() && up.is_contiguous() {
+        return crate::kernels::fused::glu_bwd_in_place(dy, gate, up, act);
+    }
+    glu_bwd_reference(dy, &gate, &up, act)
+}
+
 /// [`glu_bwd`] as candle ops on any device, in the inputs' dtype.
 pub fn glu_bwd_reference(
     dy: &Tensor,
