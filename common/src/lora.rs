@@ -340,7 +340,17 @@ pub struct LoraGrads {
     len: usize,
     #[cfg(feature = "cuda")]
     device: Option<DeviceGrads>,
+    #[cfg(feature = "cuda")]
+    ready_hook: Option<ReadyHook>,
 }
+
+/// Called by the backward with the device gradient buffer and a range of it that holds its
+/// final values for the step (one decoder block's adapters, last block first): a
+/// data-parallel student starts the all-reduce of that range while the backward of the
+/// blocks below still runs. Set for the last micro-batch of a step only.
+#[cfg(feature = "cuda")]
+pub type ReadyHook =
+    Box<dyn FnMut(&mut candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>, std::ops::Range<usize>) -> Result<()> + Send>;
 
 #[cfg(feature = "cuda")]
 struct DeviceGrads {
@@ -355,7 +365,26 @@ impl LoraGrads {
             len: params.len(),
             #[cfg(feature = "cuda")]
             device: None,
+            #[cfg(feature = "cuda")]
+            ready_hook: None,
         }
+    }
+
+    /// Installs (or, with None, removes) the hook the backward calls as ranges of the
+    /// gradients become final (see [`ReadyHook`]); used only while they live on a device.
+    #[cfg(feature = "cuda")]
+    pub fn set_ready_hook(&mut self, hook: Option<ReadyHook>) {
+        self.ready_hook = hook;
+    }
+
+    /// The backward is done with `range`: hands it to the ready hook, if any.
+    pub(crate) fn range_ready(&mut self, range: std::ops::Range<usize>) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if let (Some(hook), Some(d)) = (self.ready_hook.as_mut(), self.device.as_mut()) {
+            return hook(&mut d.flat, range);
+        }
+        let _ = range;
+        Ok(())
     }
 
     pub fn len(&self) -> usize {

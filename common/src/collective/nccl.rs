@@ -181,7 +181,7 @@ impl NcclCollective {
         self.compute.join(&self.comm_stream).map_err(|e| err(format!("ordering the compute stream: {e}")))
     }
 
-    fn all_reduce_raw(&self, buf: &mut CudaSlice<f32>) -> Result<()> {
+    fn all_reduce_raw<B: DevicePtrMut<f32>>(&self, buf: &mut B) -> Result<()> {
         let n = buf.len();
         let comm = self.comm.live()?;
         let (ptr, _sync) = buf.device_ptr_mut(&self.comm_stream);
@@ -220,6 +220,27 @@ impl NcclCollective {
         let _serial = self.lock();
         self.wait_for_compute()?;
         self.all_reduce_raw(buf)?;
+        self.hand_back_to_compute()
+    }
+
+    /// Starts summing `buf[range]` over all ranks in place, after the compute stream's work
+    /// queued so far, without making the compute stream wait for it: for gradients that are
+    /// final while the backward of other layers still runs. [`Self::join_compute`] makes
+    /// the compute stream wait for every reduction started this way. All ranks must start
+    /// the same ranges in the same order.
+    pub fn all_reduce_device_range_async(&self, buf: &mut CudaSlice<f32>, range: std::ops::Range<usize>) -> Result<()> {
+        if range.end > buf.len() || range.start > range.end {
+            return Err(err(format!("all-reduce of floats {range:?} of a {}-float buffer", buf.len())));
+        }
+        let _serial = self.lock();
+        self.wait_for_compute()?;
+        self.all_reduce_raw(&mut buf.slice_mut(range))
+    }
+
+    /// Makes the compute stream wait for the NCCL work queued so far (the reductions of
+    /// [`Self::all_reduce_device_range_async`]).
+    pub fn join_compute(&self) -> Result<()> {
+        let _serial = self.lock();
         self.hand_back_to_compute()
     }
 

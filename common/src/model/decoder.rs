@@ -429,6 +429,9 @@ impl Model {
                 s.expect("saved")
             };
             dx = blk.backward(&dx, s, ctx, li, &self.rope, self.unit_offset, params, grads)?;
+            if let Some(range) = blk.adapter_range(params) {
+                grads.range_ready(range)?;
+            }
         }
         Ok(())
     }
@@ -483,6 +486,19 @@ impl Model {
 }
 
 impl Block {
+    /// The span of the flat adapter layout this block's adapters occupy (None without
+    /// adapters). Blocks' spans do not overlap: `LoraParams` lays modules out in order.
+    fn adapter_range(&self, params: &LoraParams) -> Option<std::ops::Range<usize>> {
+        let r = params.spec.r;
+        self.linears.iter().filter_map(|l| l.lora).map(|i| &params.entries[i]).fold(None, |acc, e| {
+            let (lo, hi) = (e.a_offset.min(e.b_offset), (e.a_offset + r * e.in_features).max(e.b_offset + e.out_features * r));
+            Some(match acc {
+                None => lo..hi,
+                Some(a) => a.start.min(lo)..a.end.max(hi),
+            })
+        })
+    }
+
     /// `forward` for generation: attention over the cached keys and values of earlier
     /// positions plus this chunk's, nothing saved for a backward.
     #[allow(clippy::too_many_arguments)]
@@ -792,4 +808,38 @@ fn double_quantize(absmax: &[f32]) -> crate::nf4::Absmax {
         quantized.extend(block.iter().map(|&a| mids.partition_point(|&m| m < ((a - offset) / amax).clamp(-1.0, 1.0)) as u8));
     }
     crate::nf4::Absmax::Double { quantized, code, absmax2, offset, blocksize2: crate::nf4::BLOCKSIZE2 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The overlapped all-reduce hands each block's span to the hook as its backward ends:
+    /// the spans must tile the flat gradient buffer exactly, last block at the end.
+    #[test]
+    fn block_adapter_spans_tile_the_gradient_buffer() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models/llama");
+        let cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+        let store = WeightStore::open(&dir).unwrap();
+        let opts = LoadOptions { keep_layers: None, nf4: false, double_quant: false, device: Device::Cpu, dtype: DType::F32 };
+        let mut model = Model::load(&store, &cfg, &opts).unwrap();
+        for targets in [vec!["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], vec!["v_proj", "q_proj"]] {
+            let spec = LoraSpec {
+                r: 4,
+                lora_alpha: 8.0,
+                lora_dropout: 0.0,
+                use_rslora: false,
+                target_modules: targets.iter().map(|s| s.to_string()).collect(),
+            };
+            let modules = model.attach_lora(&spec).unwrap();
+            let params = LoraParams::init(&spec, &modules, 0);
+            let spans: Vec<_> = model.blocks.iter().map(|b| b.adapter_range(&params).unwrap()).collect();
+            assert!(spans.len() > 1);
+            assert_eq!(spans[0].start, 0, "{targets:?}");
+            for w in spans.windows(2) {
+                assert_eq!(w[0].end, w[1].start, "{targets:?}: {spans:?}");
+            }
+            assert_eq!(spans.last().unwrap().end, params.len(), "{targets:?}");
+        }
+    }
 }

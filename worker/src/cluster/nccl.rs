@@ -38,6 +38,12 @@ impl NcclGroups {
     pub fn all_reduce_grads(&self, _grads: &mut LoraGrads) -> Result<(), RoleError> {
         match *self {}
     }
+    pub fn overlap_next_backward(&self, _grads: &mut LoraGrads) -> Result<(), RoleError> {
+        match *self {}
+    }
+    pub fn finish_grads(&self, _grads: &mut LoraGrads) -> Result<(), RoleError> {
+        match *self {}
+    }
 }
 
 #[cfg(feature = "cuda")]
@@ -49,12 +55,21 @@ mod imp {
     use qdistill_coordinator::state::Role;
     use qdistill_proto::v1 as pb;
 
+    use std::ops::Range;
+    use std::sync::{Arc, Mutex, MutexGuard};
+
     use super::*;
+
+    fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+        m.lock().unwrap_or_else(|p| p.into_inner())
+    }
 
     pub(crate) struct NcclGroups {
         world: NcclCollective,
         /// Absent on teacher ranks.
-        students: Option<NcclCollective>,
+        students: Option<Arc<NcclCollective>>,
+        /// While a backward's all-reduce is overlapped: the gradient ranges already started.
+        started: Arc<Mutex<Option<Vec<Range<usize>>>>>,
     }
 
     /// Forms the generation's communicators when it uses NCCL (`None` otherwise). Every
@@ -78,12 +93,12 @@ mod imp {
             let c = join(ctx, a, device, "students", a.role_rank, n_students)?;
             let h = c.abort_handle();
             ctx.session.shared.add_abort(move || h.abort());
-            Some(c)
+            Some(Arc::new(c))
         } else {
             None
         };
         tracing::info!(generation = a.generation, world = a.peers.len(), students = n_students, "NCCL communicators formed");
-        Ok(Some(NcclGroups { world, students }))
+        Ok(Some(NcclGroups { world, students, started: Arc::default() }))
     }
 
     /// The group's root makes the id and offers it through the coordinator; the others ask
@@ -125,9 +140,54 @@ mod imp {
             self.world.recv_tensor(from, shape, dtype).map_err(RoleError::lost)
         }
 
+        fn students(&self) -> Result<&Arc<NcclCollective>, RoleError> {
+            self.students.as_ref().ok_or_else(|| RoleError::Fatal(anyhow::anyhow!("a teacher rank has no gradients to reduce")))
+        }
+
+        /// For the step's last micro-batch: the backward starts the all-reduce of each
+        /// block's gradients on the NCCL stream as soon as that block is done, overlapped
+        /// with the backward of the blocks below (device-resident gradients only; on the
+        /// host [`Self::finish_grads`] reduces everything at the end).
+        pub fn overlap_next_backward(&self, grads: &mut LoraGrads) -> Result<(), RoleError> {
+            if !grads.is_resident() {
+                return Ok(());
+            }
+            let c = self.students()?.clone();
+            let started = self.started.clone();
+            *lock(&started) = Some(Vec::new());
+            grads.set_ready_hook(Some(Box::new(move |buf, range| {
+                c.all_reduce_device_range_async(buf, range.clone())?;
+                if let Some(v) = lock(&started).as_mut() {
+                    v.push(range);
+                }
+                Ok(())
+            })));
+            Ok(())
+        }
+
+        /// Completes the step's gradient sum: after an overlapped backward, reduces what
+        /// its hook did not cover (in buffer order, the same on every rank) and makes the
+        /// compute stream wait for it all; otherwise sums the whole buffer.
+        pub fn finish_grads(&self, grads: &mut LoraGrads) -> Result<(), RoleError> {
+            grads.set_ready_hook(None);
+            let Some(mut done) = lock(&self.started).take() else { return self.all_reduce_grads(grads) };
+            let c = self.students()?;
+            let n = grads.len();
+            let buf = grads.device_buffer_mut().ok_or_else(|| RoleError::Fatal(anyhow::anyhow!("the gradients left the device mid-step")))?;
+            done.sort_by_key(|r| r.start);
+            let mut at = 0;
+            for r in done.iter().chain(std::iter::once(&(n..n))) {
+                if r.start > at {
+                    c.all_reduce_device_range_async(buf, at..r.start).map_err(RoleError::lost)?;
+                }
+                at = at.max(r.end);
+            }
+            c.join_compute().map_err(RoleError::lost)
+        }
+
         /// Sums the students' gradients in place, on the device when they live there.
         pub fn all_reduce_grads(&self, grads: &mut LoraGrads) -> Result<(), RoleError> {
-            let c = self.students.as_ref().ok_or_else(|| RoleError::Fatal(anyhow::anyhow!("a teacher rank has no gradients to reduce")))?;
+            let c = self.students()?;
             match grads.device_buffer_mut() {
                 Some(buf) => c.all_reduce_device(buf).map_err(RoleError::lost),
                 None => {
