@@ -35,9 +35,6 @@ impl NcclGroups {
     pub fn recv_hidden(&self, _from: usize, _shape: &[usize], _dtype: DType) -> Result<Tensor, RoleError> {
         match *self {}
     }
-    pub fn all_reduce_grads(&self, _grads: &mut LoraGrads) -> Result<(), RoleError> {
-        match *self {}
-    }
     pub fn overlap_next_backward(&self, _grads: &mut LoraGrads) -> Result<(), RoleError> {
         match *self {}
     }
@@ -186,7 +183,7 @@ mod imp {
         }
 
         /// Sums the students' gradients in place, on the device when they live there.
-        pub fn all_reduce_grads(&self, grads: &mut LoraGrads) -> Result<(), RoleError> {
+        fn all_reduce_grads(&self, grads: &mut LoraGrads) -> Result<(), RoleError> {
             let c = self.students()?;
             match grads.device_buffer_mut() {
                 Some(buf) => c.all_reduce_device(buf).map_err(RoleError::lost),

@@ -101,6 +101,7 @@ pub(crate) fn run(ctx: &RoleCtx, a: &Assignment, cfg: &TrainConfig) -> Result<Ro
         let mut trained = Vec::new();
         let mut sample_ids = Vec::new();
         let mut step_tokens = 0;
+        let last_micro = my_shards.iter().flat_map(|(_, m)| m.iter().copied()).last();
         for (_, micros) in &my_shards {
             for &k in micros {
                 let db = DeviceBatch::new(&batches[k], &device)?;
@@ -128,6 +129,10 @@ pub(crate) fn run(ctx: &RoleCtx, a: &Assignment, cfg: &TrainConfig) -> Result<Ro
                         .in_scope(|| teacher_batch(&teacher, &student, &db, topk.as_ref(), None))?,
                 };
                 let _s = tracing::info_span!(target: PHASE_TARGET, "student_forward_backward").entered();
+                // The step's last backward starts the all-reduce block by block.
+                if let (Some(n), true) = (&nccl, Some(k) == last_micro) {
+                    n.overlap_next_backward(&mut student.grads)?;
+                }
                 let s = student.micro_step_with(&db, &teacher, &t_out, scale, dropout_seed(cfg.seed, step, k as u64))?;
                 sums.add(&s);
                 trained.push(step * g as u64 + k as u64);
@@ -143,7 +148,7 @@ pub(crate) fn run(ctx: &RoleCtx, a: &Assignment, cfg: &TrainConfig) -> Result<Ro
         {
             let _s = tracing::info_span!(target: PHASE_TARGET, "allreduce").entered();
             match &nccl {
-                Some(n) => n.all_reduce_grads(&mut student.grads)?,
+                Some(n) => n.finish_grads(&mut student.grads)?,
                 None => {
                     let parts: Vec<&[f32]> = partials.iter().map(|p| p.as_slice()).collect();
                     let mut reduced = vec![0.0; n_params];
