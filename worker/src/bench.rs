@@ -936,6 +936,8 @@ pub fn run_selftest(spec: &SelftestSpec) -> anyhow::Result<SelftestReport> {
     );
     record("llama nf4 model on device vs CPU".into(), catch(&|| check_nf4_model(&models.join("llama"), dev)));
     #[cfg(feature = "cuda")]
+    record("activation offloading: host embedding gather vs device index_select".into(), catch(&|| check_host_gather(dev)));
+    #[cfg(feature = "cuda")]
     {
         let kernel_checks = crate::selftest_flash::flash_checks(dev)
             .into_iter()
@@ -1076,6 +1078,33 @@ fn check_peft_grads(
     }
     let tol = 1e-4;
     Ok((worst < tol && loss_err < 1e-5, format!("loss rel err {loss_err:.1e}; worst grad rel err {worst:.2e} (tol {tol:.0e})")))
+}
+
+/// Rows gathered by host threads into pinned staging and copied over equal candle's
+/// `index_select` on the device, bit for bit (bf16 and f32, repeated ids, twice in a row so
+/// the staging is reused).
+#[cfg(feature = "cuda")]
+fn check_host_gather(device: &Device) -> anyhow::Result<(bool, String)> {
+    let Device::Cuda(dev) = device else { anyhow::bail!("not a CUDA device") };
+    let mut off = qdistill_common::kernels::offload::HostOffload::new(dev)?;
+    let mut all_same = true;
+    for dtype in [DType::BF16, DType::F32] {
+        let table = Tensor::randn(0f32, 1.0, (5003, 136), &Device::Cpu)?.to_dtype(dtype)?;
+        let on_device = table.to_device(device)?;
+        for seed in 0..2u32 {
+            let ids: Vec<u32> = (0..4099u32).map(|i| (i.wrapping_mul(2_654_435_761).wrapping_add(seed) >> 7) % 5003).collect();
+            let got = off.gather_rows(&table, &ids)?;
+            let want = on_device.index_select(&Tensor::from_vec(ids.clone(), ids.len(), device)?, 0)?;
+            all_same &= got.dims() == want.dims()
+                && got.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?.iter().map(|x| x.to_bits()).eq(want
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?
+                    .iter()
+                    .map(|x| x.to_bits()));
+        }
+    }
+    Ok((all_same, format!("4099 ids into a [5003, 136] table, bf16 and f32, staging reused: identical {all_same}")))
 }
 
 fn check_nf4_model(dir: &Path, device: &Device) -> anyhow::Result<(bool, String)> {

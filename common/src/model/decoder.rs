@@ -366,6 +366,12 @@ impl Model {
         }
         // The table waits in host memory (activation offloading): gather the batch's rows
         // there and move only them.
+        #[cfg(feature = "cuda")]
+        if let (Some(mut o), None) = (self.offload()?, self.embed_scale) {
+            let (b, t) = ids.dims2()?;
+            let flat: Vec<u32> = ids.flatten_all()?.to_vec1()?;
+            return Ok(o.gather_rows(&self.embed, &flat)?.reshape((b, t, self.cfg.hidden_size))?);
+        }
         let rows = embedding_fwd(&ids.to_device(self.embed.device())?, &self.embed, self.embed_scale)?;
         Ok(rows.to_device(ids.device())?)
     }
