@@ -3,8 +3,11 @@
 # carries (.carry/<STAGE>/) to ~/qd, where it stays while the machine is up, then runs its
 # part. Stages: A (binary, gguf wheel, model part 1; self-test), B (model part 2, Python
 # site; qdistill bench), C (model part 3; parity run, PyTorch baselines), D (Unsloth).
-# A second argument runs another stage's part (or none: "-"); MG is the multi-GPU runs.
-#   scripts/device-stage.sh A|B|C|D [A|B|C|D|MG|-]
+# A second argument runs another stage's part (or none: "-"); MG is the multi-GPU runs,
+# L2 and S4 the Llama-shape throughput runs of scripts/multi-gpu.sh (llama2 on 2 GPUs,
+# scale4 on 4; the Llama 3 tokenizer rides along as llama3-tokenizer.tar.xz in a stage,
+# made by `scripts/fetch-assets.sh --carry .carry/A`).
+#   scripts/device-stage.sh A|B|C|D [A|B|C|D|MG|L2|S4|-]
 set -uo pipefail
 stage="$1"
 action="${2:-$1}"
@@ -31,6 +34,10 @@ case "$action" in
   D) QD_DEADLINE=570 QD_BASELINES="unsloth-8b-nogc unsloth-8b-nf4 unsloth-8b-gc" scripts/gpu-check.sh baselines ;;
   MG) QD_BIN=~/qd/qdistill timeout 560 scripts/multi-gpu.sh "${QD_STEPS:-40}" 2>&1 | tee "$OUT/multi-gpu.log" | grep -v Warning | tail -60
       tail -c 6000 runs/mg/cluster-nccl-w*.log > "$OUT/cluster-nccl-workers.log" 2>/dev/null ;;
+  L2|S4) run=llama2; [[ $action == S4 ]] && run=scale4
+      QD_BIN=~/qd/qdistill timeout 560 scripts/multi-gpu.sh 0 $run 2>&1 | tee "$OUT/multi-gpu-$run.log" | grep -v Warning | tail -60
+      # The workers' logs, for a run that failed: their last lines.
+      for f in runs/mg/llama/*.log; do echo "== $f"; tail -5 "$f"; done > "$OUT/$run-logs.txt" 2>/dev/null ;;
 esac
 # $OUT brings back at most 8 files: gpu-check.sh's logs are there already; add the parity's.
 cp runs/parity-compare.md "$OUT"/ 2>/dev/null

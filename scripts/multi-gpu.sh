@@ -9,13 +9,37 @@
 # its GPU: the job re-forms its NCCL communicators, resumes from the last checkpoint and
 # must end with the adapter of an undisturbed single-GPU run.
 #
-#   scripts/multi-gpu.sh [STEPS] [RUN...]   (runs: equivalence recovery; default both)
+# Throughput at Llama shapes (random weights of the real shapes, benches/shapes/):
+# "llama2" (2 GPUs) runs benches/shapes/distill-8b-1b.toml (8B NF4 teacher -> 1B NF4 +
+# LoRA student) (a) as one `qdistill train` process on cuda:0, (b) as a coordinator with a
+# teacher worker and a student worker on cuda:0/cuda:1 over NCCL, (c) as the HF-eager
+# same-GPU baseline (benches/baselines/distill_step.py); "scale4" (4 GPUs) runs
+# benches/shapes/lwf-1b.toml with 1, 2 and 4 LwF students (2 micro-batches per GPU a
+# step: the global batch grows with the GPUs) and distill-8b-1b.toml as 1 teacher + 3
+# students. Each prints one table: tokens/s (mean over the steps after the first 2),
+# ratios, GPU busy % per GPU over those steps (nvidia-smi every 200 ms), and the student's
+# recv-wait and all-reduce shares of its step. QD_LLAMA_STEPS (12) sets their steps.
+# QDISTILL_MGPU_DRYRUN=1 runs the same logic on the CPU with tiny models of the same
+# vocabulary and tokenizer (no NCCL, no GPU sampling, the baseline in float32).
 #
-# Needs a CUDA build of qdistill (QD_BIN, default target/release/qdistill) and a Python with
-# torch and safetensors for the comparison (QD_PYTHON, default python3).
+#   scripts/multi-gpu.sh [STEPS] [RUN...]   (runs: equivalence recovery llama2 scale4;
+#                                            default equivalence recovery)
+#
+# Needs a CUDA build of qdistill (QD_BIN, default ~/qd/qdistill, unpacked from
+# .carry/A/qdistill.xz when only that is there, else target/release/qdistill), a Python
+# with torch and safetensors for the comparison (QD_PYTHON, default python3), and for
+# llama2/scale4 the Llama 3 tokenizer (scripts/fetch-assets.sh puts it in
+# assets/tokenizers/llama3; or ~/qd/llama3-tokenizer.tar.xz, as device staging carries it).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+DRY="${QDISTILL_MGPU_DRYRUN:-0}"
+if [[ -z ${QD_BIN:-} && ! -x ~/qd/qdistill && -f .carry/A/qdistill.xz ]]; then
+  mkdir -p ~/qd && xz -dc .carry/A/qdistill.xz > ~/qd/qdistill && chmod +x ~/qd/qdistill
+fi
+[[ -z ${QD_BIN:-} && -x ~/qd/qdistill ]] && QD_BIN=~/qd/qdistill
 BIN="${QD_BIN:-target/release/qdistill}"
+# bitsandbytes for the baseline travels unpacked (scripts/device-stage.sh).
+[[ -d ~/qd-site && -z ${PYTHONPATH:-} ]] && export PYTHONPATH=~/qd-site
 PY="${QD_PYTHON:-python3}"
 STEPS="${1:-40}"
 RUNS="${*:2}"; RUNS="${RUNS:-equivalence recovery}"
@@ -105,7 +129,232 @@ print(f"    ledger: steps 0..{len(nums) - 1} each committed once: {ok}; generati
 PYEOF
 }
 
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+# ---- llama2 / scale4: throughput at Llama shapes ---------------------------------------
+LL="$OUT/llama"
+LSTEPS="${QD_LLAMA_STEPS:-12}"
+LLIMIT="${QD_LLAMA_LIMIT:-240}"   # seconds any one llama2/scale4 process may take
+SHAPES=benches/shapes
+
+llama_setup() { # the model dirs' tokenizer, the data, and (dry run) tiny models of the same vocabulary
+  [[ -n ${LL_READY:-} ]] && return 0
+  mkdir -p "$LL"
+  local src="" d
+  for d in "${QD_LLAMA3_TOKENIZER:-}" assets/tokenizers/llama3; do
+    [[ -n $d && -f $d/tokenizer.json ]] && { src=$d; break; }
+  done
+  if [[ -z $src && -f ~/qd/llama3-tokenizer.tar.xz ]]; then
+    mkdir -p assets/tokenizers && tar -C assets/tokenizers -xJf ~/qd/llama3-tokenizer.tar.xz && src=assets/tokenizers/llama3
+  fi
+  [[ -n $src ]] || { echo "no Llama 3 tokenizer: run scripts/fetch-assets.sh, or carry llama3-tokenizer.tar.xz to ~/qd" >&2; return 1; }
+  for d in llama-3-8b llama-3.2-1b; do cp "$src/tokenizer.json" "$src/tokenizer_config.json" "$SHAPES/$d/"; done
+  LL_SET=(--set "training.max_steps=$LSTEPS")
+  LL_TEACHER=$SHAPES/llama-3-8b LL_STUDENT=$SHAPES/llama-3.2-1b
+  local records=400 words=1500
+  if [[ $DRY == 1 ]]; then
+    # Same vocabulary, tokenizer and code paths; hidden sizes a CPU trains in seconds.
+    records=64 words=120 LL_TEACHER=$LL/shapes/teacher LL_STUDENT=$LL/shapes/student
+    "$PY" - "$SHAPES" "$LL/shapes" <<'PY'
+import json, pathlib, shutil, sys
+src, dst = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+for name, out, h in [("llama-3-8b", "teacher", 64), ("llama-3.2-1b", "student", 32)]:
+    c = json.loads((src / name / "config.json").read_text())
+    c.update(hidden_size=h, intermediate_size=2 * h, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=1024)
+    c.pop("head_dim", None)
+    (dst / out).mkdir(parents=True, exist_ok=True)
+    (dst / out / "config.json").write_text(json.dumps(c, indent=1))
+    for f in ["tokenizer.json", "tokenizer_config.json"]:
+        shutil.copy(src / name / f, dst / out / f)
+PY
+    LL_SET+=(--set "model.model_name_or_path=$LL_STUDENT" --set data.max_seq_length=128 --set training.per_device_train_batch_size=2
+             --set model.compute_dtype=float32 --set device=cpu)
+  fi
+  # Records longer than a row, so truncation fills every 2048-token row: each step trains
+  # the same number of tokens.
+  mkdir -p runs/shapes-data
+  "$PY" - runs/shapes-data/synthetic-text.jsonl "$records" "$words" <<'PY'
+import json, random, sys
+r = random.Random(0)
+syl = ["ka", "lo", "mi", "ne", "ru", "ta", "vo", "shi", "pen", "dar", "el", "or", "ix", "qua", "bre", "sto"]
+words = ["".join(r.choice(syl) for _ in range(r.randint(1, 3))) for _ in range(3000)]
+with open(sys.argv[1], "w") as f:
+    for _ in range(int(sys.argv[2])):
+        f.write(json.dumps({"text": " ".join(r.choice(words) for _ in range(int(sys.argv[3])))}) + "\n")
+PY
+  LL_READY=1
+}
+
+# Samples every GPU's utilization every 200 ms into FILE from when the logs show step 2
+# done until they show the last step done (or PID ends): the steady steps only.
+gpu_sampler() { # FILE START_RE END_RE PID LOG...
+  local file=$1 start=$2 end=$3 pid=$4; shift 4
+  [[ $DRY == 1 ]] && return 0
+  (
+    while kill -0 "$pid" 2>/dev/null && ! grep -qsE -- "$start" "$@"; do sleep 0.1; done
+    kill -0 "$pid" 2>/dev/null || exit 0
+    nvidia-smi --query-gpu=index,utilization.gpu --format=csv,noheader,nounits -lms 200 > "$file" 2>/dev/null &
+    smi=$!
+    while kill -0 "$pid" 2>/dev/null && ! grep -qsE -- "$end" "$@"; do sleep 0.1; done
+    kill "$smi" 2>/dev/null
+  ) &
+}
+
+# (a): one `qdistill train` process, teacher and student on cuda:0.
+llama_train() { # NAME CONFIG SETTINGS...
+  local name=$1 cfg=$2; shift 2
+  local t0=$SECONDS
+  timeout "$LLIMIT" "$BIN" train "$cfg" "${LL_SET[@]}" --set "output_dir=$LL/$name" "$@" --no-progress > "$LL/$name.log" 2>&1 &
+  local pid=$!
+  # metrics.jsonl is written from scratch by this run.
+  gpu_sampler "$LL/$name.gpu.csv" '"step":2[,}]' "\"step\":$LSTEPS[,}]" $pid "$LL/$name/metrics.jsonl"
+  wait $pid
+  echo "$name: exit $? in $((SECONDS - t0)) s"
+}
+
+# (b): a coordinator and one worker per device; the coordinator gives the roles.
+llama_cluster() { # NAME CONFIG COORDINATOR-FLAGS... -- DEVICES...
+  local name=$1 cfg=$2; shift 2
+  local flags=() devs=()
+  while [[ $1 != -- ]]; do flags+=("$1"); shift; done; shift
+  devs=("$@")
+  local port; port=$(free_port)
+  local t0=$SECONDS
+  timeout "$LLIMIT" "$BIN" coordinator "$cfg" "${LL_SET[@]}" --set "output_dir=$LL/$name" --set training.save_steps=0 "${flags[@]}" \
+    --listen "127.0.0.1:$port" --workers "${#devs[@]}" --heartbeat 1 --lease 60 > "$LL/$name-coordinator.log" 2>&1 &
+  local coord=$!
+  sleep 1
+  local pids=() logs=()
+  for i in "${!devs[@]}"; do
+    timeout "$LLIMIT" "$BIN" worker --coordinator "http://127.0.0.1:$port" --name "w$i-${devs[$i]}" --device "${devs[$i]}" \
+      > "$LL/$name-w$i.log" 2>&1 &
+    pids+=($!) logs+=("$LL/$name-w$i.log")
+  done
+  gpu_sampler "$LL/$name.gpu.csv" 'student step timing rank=[0-9]+ step=2 ' "student step timing rank=[0-9]+ step=$LSTEPS " $coord "${logs[@]}"
+  wait "${pids[@]}"
+  wait $coord
+  echo "$name: exit $? in $((SECONDS - t0)) s"
+  grep -h "role=" "${logs[@]}" | grep -o "running.*" | sed 's/^/    /' 
+}
+
+# (c): the PyTorch baseline on one GPU (a JSON line in NAME.json).
+llama_baseline() { # NAME ARGS...
+  local name=$1; shift
+  local t0=$SECONDS dev=cuda
+  local shape=(--batch 4 --seq 2048 --accum 2)
+  [[ $DRY == 1 ]] && dev=cpu shape=(--batch 2 --seq 128 --accum 2 --steps 2 --warmup 1)
+  CUDA_VISIBLE_DEVICES=0 timeout "$LLIMIT" "$PY" benches/baselines/distill_step.py --teacher "$LL_TEACHER" --student "$LL_STUDENT" \
+    "${shape[@]}" --device $dev "$@" > "$LL/$name.log" 2>&1
+  echo "$name: exit $? in $((SECONDS - t0)) s"
+  grep '^{' "$LL/$name.log" | tail -1 > "$LL/$name.json"
+}
+
+# The summary table. A row is NAME:KIND[:GPUS[:REF]] (kind: train | cluster | baseline);
+# with REF, efficiency = tok/s / (GPUS x tok/s of REF).
+llama_table() { # TITLE ROWS...
+  "$PY" - "$LL" "$LSTEPS" "$@" <<'PY'
+import json, pathlib, re, sys
+out, steps, title, rows = pathlib.Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4:]
+WARM = 2
+
+def fields(line):
+    return {k: float(v) for k, v in re.findall(r"(\w+)=(-?[0-9.]+(?:e-?[0-9]+)?)\b", line)}
+
+def train_run(name):
+    """tok/s over the steps after the first WARM, from metrics.jsonl's running average: with
+    the same tokens every step, step n ends at n*tau/tps_n."""
+    p = out / name / "metrics.jsonl"
+    if not p.exists():
+        return None
+    tps = {r["step"]: r["tokens_per_sec"] for r in map(json.loads, p.read_text().splitlines())}
+    n = max(tps)
+    if n <= WARM:
+        return None
+    # (n - WARM) steps in t_n - t_WARM, in units of tau (tokens per step).
+    return {"tok_s": (n - WARM) / (n / tps[n] - WARM / tps[WARM])}
+
+def cluster_run(name):
+    tok, recv, red, found = 0.0, [], [], False
+    for log in sorted(out.glob(name + "-w*.log")):
+        for line in log.read_text(errors="replace").splitlines():
+            if "student step timing summary" in line:
+                f = fields(line.split("student step timing summary", 1)[1])
+                tok += f.get("tokens_per_s", 0.0)
+                recv.append(f.get("recv_wait_pct", 0.0))
+                red.append(f.get("allreduce_pct", 0.0))
+                found = True
+    if not found:
+        return None
+    return {"tok_s": tok, "recv": max(recv), "allreduce": max(red)}
+
+def baseline_run(name):
+    p = out / (name + ".json")
+    try:
+        return json.loads(p.read_text())
+    except Exception:
+        return None
+
+def busy(name):
+    p = out / (name + ".gpu.csv")
+    per = {}
+    if p.exists():
+        for line in p.read_text().splitlines():
+            try:
+                i, u = [int(x) for x in line.split(",")]
+            except ValueError:
+                continue
+            per.setdefault(i, []).append(u)
+    return " ".join("gpu%d %.0f%%" % (i, sum(v) / len(v)) for i, v in sorted(per.items())) or "-"
+
+res = {}
+print("\n### %s (%s steps; means over steps %d..%d)\n" % (title, steps, WARM + 1, steps))
+print("| run | tok/s | vs same-GPU qdistill | vs HF eager | per-GPU efficiency | GPU busy (steady) | recv wait % | all-reduce % |")
+print("|---|---|---|---|---|---|---|---|")
+for row in rows:
+    name, kind, *rest = row.split(":")
+    r = {"train": train_run, "cluster": cluster_run, "baseline": baseline_run}[kind](name)
+    res[name] = (r, int(rest[0]) if rest else 1, rest[1] if len(rest) > 1 else None)
+for name, (r, gpus, ref) in res.items():
+    if r is None:
+        print("| %s | failed (see %s/%s*.log) | | | | | | |" % (name, out, name)); continue
+    def ratio(ref):
+        b = res.get(ref, (None,))[0]
+        return "%.2fx" % (r["tok_s"] / b["tok_s"]) if b else "-"
+    eff = "-"
+    if ref and res.get(ref, (None,))[0]:
+        eff = "%.1f%%" % (100 * r["tok_s"] / (gpus * res[ref][0]["tok_s"]))
+    pct = lambda k: "%.1f" % r[k] if k in r else "-"
+    print("| %s | %.0f | %s | %s | %s | %s | %s | %s |" % (name, r["tok_s"], ratio("same-gpu"), ratio("hf-eager"), eff, busy(name),
+                                                          pct("recv"), pct("allreduce")))
+PY
+}
+
+llama2() {
+  llama_setup || return 1
+  local cfg=$SHAPES/distill-8b-1b.toml dry=()
+  [[ $DRY == 1 ]] && dry=(--set "teacher.model_name_or_path=$LL_TEACHER")
+  local d0=cuda:0 d1=cuda:1
+  [[ $DRY == 1 ]] && d0=cpu d1=cpu
+  llama_train same-gpu "$cfg" --set device=$d0 "${dry[@]}"
+  llama_cluster two-gpu "$cfg" "${dry[@]}" -- $d0 $d1
+  llama_baseline hf-eager --attn eager
+  llama_baseline hf-sdpa --attn sdpa
+  llama_table "llama2: 8B NF4 teacher -> 1B NF4+LoRA student" same-gpu:train two-gpu:cluster:2 hf-eager:baseline hf-sdpa:baseline
+  [[ -s $LL/hf-eager.json ]] && sed 's/^/    hf-eager: /' "$LL/hf-eager.json"
+}
+
+scale4() {
+  llama_setup || return 1
+  local lwf=$SHAPES/lwf-1b.toml cfg=$SHAPES/distill-8b-1b.toml dry=() d=(cuda:0 cuda:1 cuda:2 cuda:3) n
+  [[ $DRY == 1 ]] && dry=(--set "teacher.model_name_or_path=$LL_TEACHER") d=(cpu cpu cpu cpu)
+  for n in 1 2 4; do
+    # Two micro-batches per student GPU a step.
+    llama_cluster "lwf-$n" "$lwf" --set "training.gradient_accumulation_steps=$((2 * n))" -- "${d[@]:0:n}"
+  done
+  llama_cluster t1s3 "$cfg" "${dry[@]}" --set training.gradient_accumulation_steps=6 --teacher-ranks 1 -- "${d[@]}"
+  llama_table "scale4: LwF 1B students on 1, 2, 4 GPUs; 1 teacher + 3 students" lwf-1:cluster:1 lwf-2:cluster:2:lwf-1 lwf-4:cluster:4:lwf-1 t1s3:cluster:4
+}
+
+[[ $DRY == 1 ]] || nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 pairs=()
 if [[ $RUNS == *equivalence* ]]; then
   run_train single model --set device=cuda:0
@@ -121,6 +370,10 @@ if [[ $RUNS == *recovery* ]]; then
   run_recovery lwf-recovery
   pairs+=(lwf-recovery:lwf-single)
 fi
+
+[[ $RUNS == *llama2* ]] && llama2
+[[ $RUNS == *scale4* ]] && scale4
+(( ${#pairs[@]} )) || exit 0
 
 "$PY" - "$OUT" "${pairs[@]}" <<'EOF'
 import json, sys, pathlib

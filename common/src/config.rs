@@ -37,11 +37,12 @@ const SECTIONS: &[(&str, &[&str])] = &[
             "bnb_4bit_use_double_quant",
             "bnb_4bit_quant_type",
             "adapter_name_or_path",
+            "random_init",
         ],
     ),
     (
         "teacher",
-        &["mode", "model_name_or_path", "quantization", "output", "cache", "topk_dtype"],
+        &["mode", "model_name_or_path", "quantization", "output", "cache", "topk_dtype", "random_init"],
     ),
     (
         "lora",
@@ -321,6 +322,8 @@ struct RawModel {
     /// A PEFT adapter directory to start from instead of a fresh initialisation.
     #[serde(skip_serializing_if = "Option::is_none")]
     adapter_name_or_path: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    random_init: Option<bool>,
 }
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
@@ -338,6 +341,8 @@ struct RawTeacher {
     cache: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     topk_dtype: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    random_init: Option<bool>,
 }
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
@@ -686,6 +691,9 @@ pub struct ModelSection {
     /// adapter_model.safetensors) instead of PEFT's initialisation (A random, B zero):
     /// continued training, or one starting point shared with another trainer.
     pub adapter_name_or_path: Option<PathBuf>,
+    /// Benchmarks: build random weights of config.json's shapes instead of reading any
+    /// (the directory needs only config.json and the tokenizer), seeded from `seed`.
+    pub random_init: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -702,6 +710,9 @@ pub struct TeacherSection {
     /// How top-K log-probabilities are rounded, live or in a cache (the same either way,
     /// so that both give the loss identical numbers).
     pub topk_dtype: TopkDtype,
+    /// Benchmarks: random teacher weights of config.json's shapes (see
+    /// [`ModelSection::random_init`]). For `Lwf`/`None` this is `model.random_init`.
+    pub random_init: bool,
 }
 
 /// Storage precision of top-K teacher log-probabilities.
@@ -1150,7 +1161,9 @@ fn validate(raw: RawConfig) -> VResult<TrainConfig> {
         quantization,
         bnb_4bit_use_double_quant: model.bnb_4bit_use_double_quant.unwrap_or(true),
         adapter_name_or_path: model.adapter_name_or_path.map(PathBuf::from),
+        random_init: model.random_init.unwrap_or(false),
     };
+    let model_random_init = model_section.random_init;
 
     // [teacher]
     let mode = match &teacher.mode {
@@ -1184,6 +1197,7 @@ fn validate(raw: RawConfig) -> VResult<TrainConfig> {
             output: TeacherOutput::parse(teacher.output.as_deref().unwrap_or("hidden"))?,
             cache: teacher_cache,
             topk_dtype,
+            random_init: teacher.random_init.unwrap_or(false),
         },
         TeacherMode::Lwf | TeacherMode::None => {
             let m = name_of(mode, TEACHER_MODES);
@@ -1208,6 +1222,15 @@ fn validate(raw: RawConfig) -> VResult<TrainConfig> {
                     )
                 })?;
             }
+            // Likewise its weights are the student's, random or not.
+            if let Some(r) = teacher.random_init {
+                check(r == model_random_init, || {
+                    format!(
+                        "`teacher.random_init` = {r} differs from `model.random_init` = {model_random_init}, but with \
+                         `teacher.mode` = {m:?} the teacher is the student's own base"
+                    )
+                })?;
+            }
             TeacherSection {
                 mode,
                 model_name_or_path: None,
@@ -1215,6 +1238,7 @@ fn validate(raw: RawConfig) -> VResult<TrainConfig> {
                 output: TeacherOutput::parse(teacher.output.as_deref().unwrap_or("hidden"))?,
                 cache: teacher_cache,
                 topk_dtype,
+                random_init: model_random_init,
             }
         }
     };
@@ -1876,6 +1900,7 @@ impl TrainConfig {
                 bnb_4bit_use_double_quant: Some(m.bnb_4bit_use_double_quant),
                 bnb_4bit_quant_type: Some("nf4".into()),
                 adapter_name_or_path: m.adapter_name_or_path.as_deref().map(path_str),
+                random_init: Some(m.random_init),
             },
             teacher: RawTeacher {
                 mode: Some(name_of(t.mode, TEACHER_MODES).to_string()),
@@ -1884,6 +1909,7 @@ impl TrainConfig {
                 output: Some(t.output.to_string()),
                 cache: t.cache.as_deref().map(path_str),
                 topk_dtype: Some(name_of(t.topk_dtype, TOPK_DTYPES).to_string()),
+                random_init: Some(t.random_init),
             },
             lora: RawLora {
                 r: Some(self.lora.r),
@@ -2942,6 +2968,33 @@ training:
             minimal_plus("teacher", "mode = \"none\"")
         )));
         assert!(e.contains("kd_weight"), "{e}");
+    }
+
+    #[test]
+    fn random_init_is_off_by_default_and_follows_the_teacher_rules() {
+        let c = toml_cfg(MINIMAL).unwrap();
+        assert!(!c.model.random_init && !c.teacher.random_init);
+        // A teacher model of its own has its own switch.
+        let c = toml_cfg(&format!(
+            "{}\n[teacher]\nmodel_name_or_path = \"t/t\"\nrandom_init = true\n",
+            minimal_plus("model", "random_init = true")
+        ))
+        .unwrap();
+        assert!(c.model.random_init && c.teacher.random_init);
+        let c = toml_cfg(&minimal_plus("teacher", "model_name_or_path = \"t/t\"\nrandom_init = true")).unwrap();
+        assert!(!c.model.random_init && c.teacher.random_init);
+        // LwF's teacher is the student's base: random exactly when the base is.
+        let c = toml_cfg(&minimal_plus("model", "random_init = true")).unwrap();
+        assert_eq!(c.teacher.mode, TeacherMode::Lwf);
+        assert!(c.teacher.random_init);
+        let e = err_of(toml_cfg(&minimal_plus("teacher", "mode = \"lwf\"\nrandom_init = true")));
+        assert!(e.contains("`teacher.random_init`") && e.contains("`model.random_init`"), "{e}");
+        let e = err_of(toml_cfg(&minimal_plus("model", "random_init = \"yes\"")));
+        assert!(e.contains("model.random_init"), "{e}");
+        // Resolved configs keep the switches.
+        let c = toml_cfg(&minimal_plus("teacher", "model_name_or_path = \"t/t\"\nrandom_init = true")).unwrap();
+        let back = parse(&c.to_toml_string().unwrap(), ConfigFormat::Toml, "resolved.toml", &[]).unwrap();
+        assert_eq!(c, back);
     }
 
     #[test]

@@ -194,7 +194,7 @@ pub fn prepare_embedded(cfg: &TrainConfig) -> anyhow::Result<(Prepared, Tokenize
     let student_path = config::resolve_model_path(&cfg.model.model_name_or_path, cfg.model.revision.as_deref(), None)?;
     let nf4 = cfg.model.quantization == Quantization::Nf4;
     tracing::info!(model = %student_path.display(), keep_layers = ?cfg.model.keep_layers, nf4, "loading student");
-    let mut student = models::load(&student_path, cfg.model.keep_layers.clone(), nf4, cfg.model.bnb_4bit_use_double_quant, &device, dtype)?;
+    let mut student = models::load_student(cfg, &student_path, &device, dtype)?;
     let teacher = match cfg.teacher.mode {
         // The cache stands in for the teacher: no weights to load.
         _ if cfg.teacher.cache.is_some() => Teacher::None,
@@ -206,7 +206,7 @@ pub fn prepare_embedded(cfg: &TrainConfig) -> anyhow::Result<(Prepared, Tokenize
             // stream, and every hidden state would be copied for nothing.
             let teacher_device = if cfg.teacher_device == cfg.device { device.clone() } else { device_of(cfg.teacher_device)? };
             tracing::info!(device = %cfg.teacher_device, "teacher device");
-            let mut t = models::load(&path, None, cfg.teacher.quantization == Quantization::Nf4, true, &teacher_device, dtype)?;
+            let mut t = models::load_teacher(cfg, &path, None, &teacher_device, dtype)?;
             t.model.place_lm_head(&device)?;
             check_same_tokenizer(&t.tokenizer, &student.tokenizer).with_context(|| {
                 format!("teacher {} and student {} must share one tokenizer", path.display(), student_path.display())

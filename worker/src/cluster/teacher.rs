@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 
 use anyhow::Context;
 use qdistill_common::collective::{Collective, TcpCollective};
-use qdistill_common::config::{self, Quantization, TeacherMode, TrainConfig};
+use qdistill_common::config::{self, TeacherMode, TrainConfig};
 use qdistill_common::tokenizer::check_same_tokenizer;
 use qdistill_coordinator::state::{Assignment, Role};
 
@@ -28,7 +28,7 @@ pub(crate) fn run(ctx: &RoleCtx, a: &Assignment, cfg: &TrainConfig) -> Result<Ro
     let (_, student_cfg, student_tok) = models::open(&student_path)?;
     let spec = cfg.teacher.model_name_or_path.as_deref().unwrap_or(&cfg.model.model_name_or_path);
     let path = config::resolve_model_path(spec, None, None).map_err(anyhow::Error::from)?;
-    let loaded = models::load(&path, None, cfg.teacher.quantization == Quantization::Nf4, true, &device, dtype)?;
+    let loaded = models::load_teacher(cfg, &path, None, &device, dtype)?;
     check_same_tokenizer(&loaded.tokenizer, &student_tok)
         .with_context(|| format!("teacher {} and student {} must share one tokenizer", path.display(), student_path.display()))?;
     let teacher = Teacher::Model(loaded.model);
