@@ -22,7 +22,7 @@
 # QDISTILL_MGPU_DRYRUN=1 runs the same logic on the CPU with tiny models of the same
 # vocabulary and tokenizer (no NCCL, no GPU sampling, the baseline in float32).
 #
-#   scripts/multi-gpu.sh [STEPS] [RUN...]   (runs: equivalence recovery llama2 scale4;
+#   scripts/multi-gpu.sh [STEPS] [RUN...]   (runs: equivalence recovery overlap-eq llama2 scale4;
 #                                            default equivalence recovery)
 #
 # Needs a CUDA build of qdistill (QD_BIN, default ~/qd/qdistill, unpacked from
@@ -354,6 +354,19 @@ scale4() {
   llama_table "scale4: LwF 1B students on 1, 2, 4 GPUs; 1 teacher + 3 students" lwf-1:cluster:1 lwf-2:cluster:2:lwf-1 lwf-4:cluster:4:lwf-1 t1s3:cluster:4
 }
 
+# The overlapped gradient all-reduce (each block's adapter gradients reduced over NCCL as
+# its backward ends) against one GPU with the same global batch: 2 LwF students with one
+# micro-batch each vs one process with two. With two ranks every sum is a + b in either
+# order, so the final adapters must be bit-identical.
+overlap_eq() {
+  llama_setup || return 1
+  local lwf=$SHAPES/lwf-1b.toml d0=cuda:0 d1=cuda:1
+  [[ $DRY == 1 ]] && d0=cpu d1=cpu
+  llama_train lwf-1gpu "$lwf" --set device=$d0
+  llama_cluster lwf-2gpu "$lwf" -- $d0 $d1
+  pairs+=(llama/lwf-2gpu:llama/lwf-1gpu)
+}
+
 [[ $DRY == 1 ]] || nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 pairs=()
 if [[ $RUNS == *equivalence* ]]; then
@@ -371,6 +384,7 @@ if [[ $RUNS == *recovery* ]]; then
   pairs+=(lwf-recovery:lwf-single)
 fi
 
+[[ $RUNS == *overlap-eq* ]] && overlap_eq
 [[ $RUNS == *llama2* ]] && llama2
 [[ $RUNS == *scale4* ]] && scale4
 (( ${#pairs[@]} )) || exit 0
