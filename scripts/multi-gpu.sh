@@ -364,7 +364,25 @@ overlap_eq() {
   [[ $DRY == 1 ]] && d0=cpu d1=cpu
   llama_train lwf-1gpu "$lwf" --set device=$d0
   llama_cluster lwf-2gpu "$lwf" -- $d0 $d1
-  pairs+=(llama/lwf-2gpu:llama/lwf-1gpu)
+  QDISTILL_NCCL_OVERLAP=0 llama_cluster lwf-2gpu-serial "$lwf" -- $d0 $d1
+  pairs+=(llama/lwf-2gpu:llama/lwf-1gpu llama/lwf-2gpu-serial:llama/lwf-1gpu llama/lwf-2gpu:llama/lwf-2gpu-serial)
+  # Where runs part: each step's loss and gradient norm.
+  "$PY" - "$LL" <<'PYEOF'
+import json, pathlib, sys
+out = pathlib.Path(sys.argv[1])
+rows = {}
+p = out / "lwf-1gpu" / "metrics.jsonl"
+if p.exists():
+    rows["lwf-1gpu"] = [(r["step"], r["loss"], r["grad_norm"]) for r in map(json.loads, p.read_text().splitlines()) if "grad_norm" in r]
+for name in ["lwf-2gpu", "lwf-2gpu-serial"]:
+    p = out / name / "ledger.json"
+    if p.exists():
+        steps = json.loads(p.read_text())["steps"]
+        rows[name] = [(s["step"] + 1, sum(r["ce_sum"] + r["kd_sum"] * 0.5 for r in s["ranks"]) / sum(r["target_tokens"] for r in s["ranks"]),
+                       s["ranks"][0]["grad_norm"]) for s in steps]
+for name, r in rows.items():
+    print("   ", name, " ".join("s%d loss %.6f gn %.6f" % x for x in r[:4]))
+PYEOF
 }
 
 [[ $DRY == 1 ]] || nvidia-smi --query-gpu=name,memory.total --format=csv,noheader

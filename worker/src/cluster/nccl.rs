@@ -146,7 +146,8 @@ mod imp {
         /// with the backward of the blocks below (device-resident gradients only; on the
         /// host [`Self::finish_grads`] reduces everything at the end).
         pub fn overlap_next_backward(&self, grads: &mut LoraGrads) -> Result<(), RoleError> {
-            if !grads.is_resident() {
+            // QDISTILL_NCCL_OVERLAP=0: one all-reduce after the backward instead.
+            if !grads.is_resident() || std::env::var("QDISTILL_NCCL_OVERLAP").is_ok_and(|v| v == "0") {
                 return Ok(());
             }
             let c = self.students()?.clone();
