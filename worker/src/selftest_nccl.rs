@@ -28,19 +28,65 @@ pub fn nccl_checks() -> Vec<Check> {
         Ok(d) => d,
         Err(e) => return vec![("nccl: open the GPUs".into(), Err(anyhow!("{e}")))],
     };
-    let ranks = match NcclCollective::group(&devices) {
-        Ok(r) => r,
-        Err(e) => return vec![(format!("nccl: communicator over {n} GPUs"), Err(anyhow!("{e}")))],
+    // A communicator that never forms must fail the check, not hang the self-test: the
+    // init runs on its own thread (left behind, and ended with the process, on timeout).
+    let (tx, rx) = std::sync::mpsc::channel();
+    let init_devices = devices.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(NcclCollective::group(&init_devices));
+    });
+    let ranks = match rx.recv_timeout(CHECK_DEADLINE) {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return vec![(format!("nccl: communicator over {n} GPUs"), Err(anyhow!("{e}")))],
+        Err(_) => {
+            return vec![(format!("nccl: communicator over {n} GPUs"), Err(anyhow!("not formed within {} s", CHECK_DEADLINE.as_secs())))]
+        }
     };
     let mut out: Vec<Check> = Vec::new();
-    out.push((format!("nccl conformance suite, {n} ranks"), on_every_rank(&ranks, |c, arrived| conformance::run(c, arrived, false).map(|_| String::new()))));
+    out.push((
+        format!("nccl conformance suite, {n} ranks"),
+        with_deadline(&ranks, || on_every_rank(&ranks, |c, arrived| conformance::run(c, arrived, false).map(|_| String::new()))),
+    ));
     out.push((
         format!("nccl device all-reduce {LLAMA3_8B_R16_PARAMS} f32, {n} ranks vs host sum"),
-        all_reduce_check(&ranks, &devices),
+        with_deadline(&ranks, || all_reduce_check(&ranks, &devices)),
     ));
-    out.push(("nccl bf16 tensors rank 0 -> 1, 4 in flight, bit-exact".into(), send_check(&ranks)));
+    out.push(("nccl bf16 tensors rank 0 -> 1, 4 in flight, bit-exact".into(), with_deadline(&ranks, || send_check(&ranks))));
     out.push(("nccl abort frees a rank waiting for a silent peer".into(), abort_check(&ranks)));
     out
+}
+
+/// How long one NCCL check may take before its communicators are aborted.
+const CHECK_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Runs `f`; if it has not returned within [`CHECK_DEADLINE`], aborts every rank's
+/// communicator (which ends any NCCL call still waiting) and reports the check as timed out.
+fn with_deadline(ranks: &[NcclCollective], f: impl FnOnce() -> anyhow::Result<(bool, String)>) -> anyhow::Result<(bool, String)> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::mpsc::RecvTimeoutError;
+    let handles: Vec<_> = ranks.iter().map(|c| c.abort_handle()).collect();
+    let fired = AtomicBool::new(false);
+    let (done, wait) = std::sync::mpsc::channel::<()>();
+    let result = std::thread::scope(|s| {
+        let (fired, handles) = (&fired, &handles);
+        s.spawn(move || {
+            if let Err(RecvTimeoutError::Timeout) = wait.recv_timeout(CHECK_DEADLINE) {
+                fired.store(true, Ordering::SeqCst);
+                handles.iter().for_each(|h| h.abort());
+            }
+        });
+        let r = f();
+        drop(done);
+        r
+    });
+    if fired.load(Ordering::SeqCst) {
+        let detail = match &result {
+            Ok((_, d)) => d.clone(),
+            Err(e) => e.to_string(),
+        };
+        return Ok((false, format!("did not finish within {} s; communicators aborted ({detail})", CHECK_DEADLINE.as_secs())));
+    }
+    result
 }
 
 /// Runs `f` on one thread per rank; passes when every rank does.
