@@ -8,6 +8,7 @@
 //! through the coordinator, so workers need no shared writable storage.
 
 mod ckpt;
+mod embedded;
 mod nccl;
 mod session;
 mod student;
@@ -26,6 +27,7 @@ use qdistill_coordinator::client::{Client, ConnectOptions};
 use qdistill_coordinator::plan::{DeviceKind, Resources};
 use qdistill_coordinator::state::{Assignment, Role};
 
+pub use embedded::{parse_devices, run_embedded, EmbeddedOptions, EmbeddedRun, TOKEN_FILE};
 use session::{Rpc, Session};
 
 /// How a worker joins a job.
