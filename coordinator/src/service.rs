@@ -686,7 +686,7 @@ impl CoordinatorHandle {
             return;
         }
         let why = why.into();
-        tracing::error!("the job fails: {why}");
+        tracing::warn!("the job ends: {why}");
         job.fail(why);
         drop(job);
         self.shared.progress.notify_waiters();

@@ -154,8 +154,9 @@ struct WorkerThread {
 
 /// `qdistill train CONFIG --workers N`: checks the config as `qdistill coordinator` does,
 /// serves the job and runs its N workers in this process until the job is over, a worker
-/// fails (the job ends with its error), or Ctrl-C / SIGTERM (the students checkpoint the
-/// step in progress and leave; the same command continues the job). Blocks.
+/// fails (the job ends with its error), or Ctrl-C / SIGTERM (student rank 0 checkpoints
+/// the step in progress, then the workers stop; the same command continues the job).
+/// Blocks.
 pub fn run_embedded(config_path: &Path, overrides: &[String], opts: EmbeddedOptions) -> anyhow::Result<EmbeddedRun> {
     let cfg = config::load(config_path, overrides)?;
     let devices = match &opts.devices {
@@ -223,6 +224,9 @@ pub fn run_embedded(config_path: &Path, overrides: &[String], opts: EmbeddedOpti
         w.name = Some(name.clone());
         w.device = Some(device);
         w.nccl = nccl;
+        // A signal reaches every thread of the process: the coordinator's drain stops the
+        // job in order instead (see `supervise`).
+        w.handle_signals = false;
         // The coordinator lives in this process and never restarts: a call it does not
         // answer will not be answered.
         w.connect = ConnectOptions { attempts: 3, retry_for: Duration::ZERO, ..ConnectOptions::default() };
@@ -326,10 +330,21 @@ async fn supervise(
             }
             _ = &mut signal, if !signalled => {
                 signalled = true;
-                // The workers in this process got the signal too: the students finish the
-                // step, upload its checkpoint and leave; then the coordinator stops.
-                bar.suspend(|| tracing::warn!("signal received: the workers checkpoint the step in progress and leave (at most {drain_timeout:?})"));
-                deadline = Some(tokio::time::Instant::now() + drain_timeout);
+                // As `qdistill coordinator` drains: student rank 0 checkpoints the step in
+                // progress; then every worker is told the job is over. Workers that each
+                // left on the signal would not: a teacher gone first leaves its students'
+                // step unfinished.
+                bar.suspend(|| tracing::warn!("signal received; asking for a checkpoint of the step in progress (at most {drain_timeout:?}), then stopping"));
+                let drain = handle.drain(drain_timeout);
+                let h = handle.clone();
+                tokio::spawn(async move {
+                    let why = match drain.await {
+                        Some(step) => format!("stopped by a signal after checkpoint-{step}; the same command continues the job"),
+                        None => "stopped by a signal before a new checkpoint; the same command continues the job from the last one".to_string(),
+                    };
+                    h.fail(why);
+                });
+                deadline = Some(tokio::time::Instant::now() + drain_timeout + LEAVE_GRACE);
             }
             _ = tick.tick() => {
                 let s = handle.snapshot();

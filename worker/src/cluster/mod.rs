@@ -55,6 +55,9 @@ pub struct WorkerOptions {
     /// Offer NCCL for teacher outputs and gradients (a CUDA build on a CUDA `device`); a
     /// generation uses it only when every peer offers it.
     pub nccl: bool,
+    /// Leave on Ctrl-C / SIGTERM (a student first checkpoints its step). Off where the
+    /// process running the worker stops the job itself.
+    pub handle_signals: bool,
 }
 
 impl WorkerOptions {
@@ -72,6 +75,7 @@ impl WorkerOptions {
             collective_timeout: Duration::from_secs(1800),
             teacher_lookahead_steps: 2,
             nccl: true,
+            handle_signals: true,
         }
     }
 }
@@ -211,7 +215,7 @@ pub fn run_worker(opts: WorkerOptions) -> anyhow::Result<WorkerExit> {
     let advertise = advertise_addr(&listener, &opts)?;
     let client = rt.block_on(Client::connect(&opts.coordinator_url, &opts.token, &opts.connect))?;
     let rpc = Rpc { rt, client, connect: opts.connect.clone() };
-    let term = session::install_signal_flag(&rpc.rt);
+    let term = if opts.handle_signals { session::install_signal_flag(&rpc.rt) } else { Default::default() };
     let name = opts.name.clone().unwrap_or_else(|| format!("{}:{}", hostname(), std::process::id()));
     let resources = match opts.device {
         Some(config::Device::Cuda(_)) => Resources { device_kind: DeviceKind::Cuda, nccl: opts.nccl && cfg!(feature = "cuda"), ..detect_resources() },
