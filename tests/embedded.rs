@@ -21,7 +21,6 @@ use common::{write_cluster_job, G};
 static SERIAL: Mutex<()> = Mutex::new(());
 
 const SHARDS_PER_MICROBATCH: &str = "4";
-const TOKEN: &str = "embedded-test-token";
 const LIMIT: Duration = Duration::from_secs(300);
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
@@ -202,8 +201,8 @@ fn free_port() -> u16 {
 }
 
 /// `qdistill status` against the embedded coordinator, or None while it does not answer.
-fn status(url: &str) -> Option<String> {
-    let out = Command::new(env!("CARGO_BIN_EXE_qdistill")).args(["status", "--coordinator", url, "--token", TOKEN]).output().unwrap();
+fn status(url: &str, token: &str) -> Option<String> {
+    let out = Command::new(env!("CARGO_BIN_EXE_qdistill")).args(["status", "--coordinator", url, "--token", token]).output().unwrap();
     out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
@@ -212,10 +211,11 @@ fn committed_steps(status: &str) -> Option<u64> {
     status.split(" steps committed").next()?.rsplit(' ').next()?.split('/').next()?.parse().ok()
 }
 
-/// (c) With `--listen`, `qdistill status` shows the embedded job while it runs. Then
-/// SIGTERM, as a scheduler sends it: the process checkpoints the step in progress and
-/// exits with 143; the same command continues the job from that checkpoint and ends with
-/// the direct run's adapter, bit for bit, no step trained twice before the checkpoint.
+/// (c) With `--listen`, `qdistill status` shows the embedded job while it runs (with the
+/// token the run keeps in output_dir). Then SIGTERM, as a scheduler sends it: the process
+/// checkpoints the step in progress and exits with 143; the same command continues the
+/// job from that checkpoint and ends with the direct run's adapter, bit for bit, no step
+/// trained twice before the checkpoint.
 #[cfg(unix)]
 #[test]
 fn status_watches_an_embedded_job_and_sigterm_stops_it_for_the_same_command_to_continue() {
@@ -225,13 +225,18 @@ fn status_watches_an_embedded_job_and_sigterm_stops_it_for_the_same_command_to_c
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
     let listen = format!("127.0.0.1:{port}");
-    let args = ["--workers", "3", "--shards", SHARDS_PER_MICROBATCH, "--listen", &listen, "--token", TOKEN];
+    let args = ["--workers", "3", "--shards", SHARDS_PER_MICROBATCH, "--listen", &listen];
     let mut child = job.spawn(&out, &args);
     let t0 = Instant::now();
     let mut seen = None;
+    let token_file = out.join(qdistill_worker::cluster::TOKEN_FILE);
+    let mut token = String::new();
     // Until a step is committed: the status shows the job mid-run.
     while seen.is_none() {
-        if let Some(st) = status(&url).filter(|s| committed_steps(s).is_some_and(|n| n >= 1)) {
+        if token.is_empty() {
+            token = std::fs::read_to_string(&token_file).unwrap_or_default();
+        }
+        if let Some(st) = Some(&token).filter(|t| !t.is_empty()).and_then(|t| status(&url, t)).filter(|s| committed_steps(s).is_some_and(|n| n >= 1)) {
             seen = Some(st);
             break;
         }
@@ -252,7 +257,7 @@ fn status_watches_an_embedded_job_and_sigterm_stops_it_for_the_same_command_to_c
     let status = wait(&mut child, || job.log(&out));
     let log = job.log(&out);
     assert_eq!(status.code(), Some(143), "SIGTERM should stop the job with 143\n{log}");
-    assert!(log.contains(&url) && log.contains(TOKEN), "the log does not give the URL and token:\n{log}");
+    assert!(log.contains(&url) && log.contains(&token), "the log does not give the URL and token:\n{log}");
     assert!(!out.join("final_model").exists(), "the job finished before the signal arrived (cannot test the drain)");
     let saved: Vec<u64> = std::fs::read_dir(&out)
         .unwrap()

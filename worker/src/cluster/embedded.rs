@@ -372,3 +372,38 @@ async fn supervise(
     let Some(outcome) = outcome else { bail!("the coordinator of this run did not stop") };
     Ok(Ended { outcome, error, terminated: terminated || signalled, unfinished })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The first run makes a token and keeps it (owner-only); the next run of the same
+    /// output_dir reads that one back; a given token wins; an emptied file is named.
+    #[test]
+    fn the_job_token_is_kept_in_output_dir_for_the_next_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        let first = job_token(None, &out).unwrap();
+        let path = out.join(TOKEN_FILE);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), first);
+        assert_eq!(first.len(), 32, "{first}");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        }
+        assert_eq!(job_token(None, &out).unwrap(), first);
+        assert_eq!(job_token(Some("given".into()), &out).unwrap(), "given");
+        assert!(job_token(Some(" ".into()), &out).unwrap_err().to_string().contains("empty"));
+        std::fs::write(&path, "\n").unwrap();
+        let e = job_token(None, &out).unwrap_err().to_string();
+        assert!(e.contains(&path.display().to_string()) && e.contains("is empty"), "{e}");
+    }
+
+    #[test]
+    fn workers_dial_loopback_for_an_unspecified_listen_address() {
+        assert_eq!(local_url("0.0.0.0:50051".parse().unwrap()), "http://127.0.0.1:50051");
+        assert_eq!(local_url("[::]:7".parse().unwrap()), "http://[::1]:7");
+        assert_eq!(local_url("10.1.2.3:9".parse().unwrap()), "http://10.1.2.3:9");
+    }
+}
