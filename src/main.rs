@@ -41,11 +41,12 @@ enum Command {
     /// Train: distill the teacher into the student as the config says.
     ///
     /// Writes `<output_dir>/final_model/` (adapter_model.safetensors, adapter_config.json,
-    /// qdistill_config.toml) and `<output_dir>/metrics.jsonl`.
+    /// qdistill_config.toml).
     ///
     /// Without --workers the job runs directly in this process: the same student step as a
     /// cluster run without the RPC layer, and the only mode that supports `teacher.cache`,
-    /// GKD (`distill.lmbda`, `distill.seq_kd`) and per-epoch saves. With --workers N (2 or
+    /// GKD (`distill.lmbda`, `distill.seq_kd`) and per-epoch saves; it also writes
+    /// `<output_dir>/metrics.jsonl`. With --workers N (2 or
     /// more) the coordinator and N workers run inside this process over the cluster code
     /// path (embedded mode): it writes what `qdistill coordinator` writes (checkpoints,
     /// final_model/, ledger.json, the job record), and the same command continues a job that
@@ -69,7 +70,8 @@ enum Command {
         #[arg(long, value_name = "ADDR")]
         metrics_addr: Option<String>,
         /// Embedded mode: run a coordinator and N workers in this process (teacher ranks
-        /// first, then students; a separate teacher model needs N >= 2).
+        /// first, then students; a separate teacher model needs N >= 2). 1 is the direct
+        /// run.
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
         workers: Option<u32>,
         /// One device per worker, comma-separated: "cpu,cpu,cpu" or "cuda:0,cuda:1"
@@ -90,8 +92,9 @@ enum Command {
         #[arg(long, value_name = "ADDR", requires = "workers")]
         listen: Option<String>,
         /// The embedded job's token [default: kept in <output_dir>/.qdistill_token, made
-        /// on first use].
-        #[arg(long, env = "QDISTILL_TOKEN", hide_env_values = true, requires = "workers")]
+        /// on first use]. Not used without --workers (so a QDISTILL_TOKEN set for a
+        /// cluster does not get in the way of the direct run).
+        #[arg(long, env = "QDISTILL_TOKEN", hide_env_values = true)]
         token: Option<String>,
     },
     /// Show what a job's data becomes: sample and token counts, the masked share, the

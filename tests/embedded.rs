@@ -303,7 +303,7 @@ fn a_config_the_cluster_refuses_is_named_with_workers() {
 }
 
 /// (e) Bad `--devices`: an unknown device, a count that does not match --workers, mixed
-/// kinds; and embedded flags without --workers.
+/// kinds.
 #[test]
 fn bad_devices_are_named() {
     let job = Job::new(&[]);
@@ -313,10 +313,25 @@ fn bad_devices_are_named() {
     assert!(e.contains("names 2 device(s) for 3 worker(s)") && e.contains("cpu,cpu,cpu"), "{e}");
     let e = refused(&job, &["--workers", "2", "--devices", "cpu,cuda:0"]);
     assert!(e.contains("mixes cpu and cuda"), "{e}");
+}
+
+/// The embedded flags need --workers 2 or more; a QDISTILL_TOKEN exported for a cluster
+/// does not stop the direct run from parsing.
+#[test]
+fn embedded_flags_need_workers() {
+    let job = Job::new(&[]);
     let e = refused(&job, &["--devices", "cpu,cpu"]);
     assert!(e.contains("--workers"), "{e}");
     let e = refused(&job, &["--workers", "1", "--shards", "2"]);
     assert!(e.contains("--workers 2 or more"), "{e}");
+    let parsed = Command::new(env!("CARGO_BIN_EXE_qdistill"))
+        .arg("train")
+        .arg(&job.config)
+        .env("QDISTILL_PARSE_ONLY", "1")
+        .env("QDISTILL_TOKEN", "a-cluster-token")
+        .output()
+        .unwrap();
+    assert!(parsed.status.success(), "{}", String::from_utf8_lossy(&parsed.stderr));
 }
 
 /// A worker that fails (here: the teacher's weights are not a safetensors file, which
