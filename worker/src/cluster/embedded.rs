@@ -96,11 +96,18 @@ pub fn parse_devices(list: &str, workers: usize) -> anyhow::Result<Vec<config::D
             vec!["cpu"; workers].join(",")
         );
     }
+    same_kind(&devices).with_context(|| format!("--devices {list:?}"))?;
+    Ok(devices)
+}
+
+/// The coordinator refuses to form a generation of mixed device kinds; this says so before
+/// the workers start rather than leaving them waiting for one.
+fn same_kind(devices: &[config::Device]) -> anyhow::Result<()> {
     let cuda = devices.iter().filter(|d| matches!(d, config::Device::Cuda(_))).count();
     if cuda != 0 && cuda != devices.len() {
-        bail!("--devices {list:?} mixes cpu and cuda: every worker of one job must use the same kind of device");
+        bail!("mixes cpu and cuda: every worker of one job must use the same kind of device");
     }
-    Ok(devices)
+    Ok(())
 }
 
 /// The job token: `given`, else the one an earlier embedded run kept in `output_dir`, else
@@ -164,6 +171,7 @@ pub fn run_embedded(config_path: &Path, overrides: &[String], opts: EmbeddedOpti
         Some(d) => d.clone(),
         None => vec![cfg.device; opts.workers],
     };
+    same_kind(&devices).context("the workers' devices")?;
     if opts.workers < 2 {
         bail!("--workers {}: an embedded cluster run needs at least 2 workers (without --workers, `qdistill train` runs the job directly)", opts.workers);
     }
@@ -216,6 +224,7 @@ pub fn run_embedded(config_path: &Path, overrides: &[String], opts: EmbeddedOpti
         tracing::info!("workers share a GPU: teacher outputs and gradients go over the TCP collective, not NCCL");
     }
 
+    let handle = running.handle();
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<(usize, anyhow::Result<WorkerExit>)>();
     let mut threads = Vec::with_capacity(opts.workers);
     for (i, &device) in devices.iter().enumerate() {
@@ -229,9 +238,9 @@ pub fn run_embedded(config_path: &Path, overrides: &[String], opts: EmbeddedOpti
         w.handle_signals = false;
         // The coordinator lives in this process and never restarts: a call it does not
         // answer will not be answered.
-        w.connect = ConnectOptions { attempts: 3, retry_for: Duration::ZERO, ..ConnectOptions::default() };
+        w.connect = ConnectOptions { retry_for: Duration::ZERO, ..ConnectOptions::default() };
         let tx = tx.clone();
-        std::thread::Builder::new()
+        let spawned = std::thread::Builder::new()
             .name(name.clone())
             // What a main thread gets: a worker runs there in `qdistill worker`.
             .stack_size(8 << 20)
@@ -242,7 +251,12 @@ pub fn run_embedded(config_path: &Path, overrides: &[String], opts: EmbeddedOpti
                     .unwrap_or_else(|p| Err(anyhow::anyhow!("panicked: {}", panic_message(p.as_ref()))));
                 let _ = tx.send((i, r));
             })
-            .with_context(|| format!("starting the thread of {name}"))?;
+            .with_context(|| format!("starting the thread of {name}"));
+        if let Err(e) = spawned {
+            // The workers already started are told the job is over.
+            handle.fail(format!("{e:#}"));
+            return Err(e);
+        }
         threads.push(WorkerThread { name, device });
     }
     drop(tx);
@@ -251,7 +265,6 @@ pub fn run_embedded(config_path: &Path, overrides: &[String], opts: EmbeddedOpti
     bar.set_style(
         ProgressStyle::with_template("{spinner} [{elapsed_precise}<{eta_precise}] {bar:30} {pos}/{len} steps · {msg}").expect("static template"),
     );
-    let handle = running.handle();
     let ended = rt.block_on(supervise(running, handle, rx, &threads, &bar, opts.drain_timeout));
     bar.finish_and_clear();
     let Ended { outcome, error, terminated, unfinished } = ended?;
