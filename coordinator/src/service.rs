@@ -1088,6 +1088,25 @@ mod tests {
         assert!(e.contains("already holds checkpoint-2"), "{e}");
     }
 
+    /// `fail` ends a running job with the first reason given, and the coordinator, with no
+    /// worker left to tell, stops serving.
+    #[test]
+    fn a_job_failed_through_the_handle_keeps_the_first_reason_and_stops() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path(), "1e-4");
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let outcome = rt.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let running = start(&cfg, 6, listener, opts("tok")).await.unwrap();
+            let handle = running.handle();
+            handle.fail("worker-1 (cpu): out of memory");
+            handle.fail("a later reason");
+            tokio::time::timeout(Duration::from_secs(30), running.wait()).await.expect("the coordinator kept serving").unwrap()
+        });
+        assert_eq!(outcome.phase, Phase::Failed("worker-1 (cpu): out of memory".into()));
+        assert_eq!(outcome.committed_steps, 0);
+    }
+
     #[test]
     fn a_damaged_job_record_is_named() {
         let dir = tempfile::tempdir().unwrap();
