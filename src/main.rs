@@ -41,7 +41,16 @@ enum Command {
     /// Train: distill the teacher into the student as the config says.
     ///
     /// Writes `<output_dir>/final_model/` (adapter_model.safetensors, adapter_config.json,
-    /// qdistill_config.toml) and `<output_dir>/metrics.jsonl`.
+    /// qdistill_config.toml).
+    ///
+    /// Without --workers the job runs directly in this process: the same student step as a
+    /// cluster run without the RPC layer, and the only mode that supports `teacher.cache`,
+    /// GKD (`distill.lmbda`, `distill.seq_kd`) and per-epoch saves; it also writes
+    /// `<output_dir>/metrics.jsonl`. With --workers N (2 or
+    /// more) the coordinator and N workers run inside this process over the cluster code
+    /// path (embedded mode): it writes what `qdistill coordinator` writes (checkpoints,
+    /// final_model/, ledger.json, the job record), and the same command continues a job that
+    /// Ctrl-C / SIGTERM stopped.
     Train {
         /// The job config (TOML, or YAML by extension .yaml/.yml).
         config: PathBuf,
@@ -60,6 +69,33 @@ enum Command {
         /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 0.0.0.0:9090).
         #[arg(long, value_name = "ADDR")]
         metrics_addr: Option<String>,
+        /// Embedded mode: run a coordinator and N workers in this process (teacher ranks
+        /// first, then students; a separate teacher model needs N >= 2). 1 is the direct
+        /// run.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+        workers: Option<u32>,
+        /// One device per worker, comma-separated: "cpu,cpu,cpu" or "cuda:0,cuda:1"
+        /// [default: every worker on --device / the config's device]. Workers on GPUs of
+        /// their own use NCCL; workers sharing a device use the TCP collective.
+        #[arg(long, value_name = "LIST", requires = "workers")]
+        devices: Option<String>,
+        /// Teacher ranks when the job has a separate teacher model (embedded mode).
+        #[arg(long, default_value_t = 1, requires = "workers")]
+        teacher_ranks: usize,
+        /// Virtual data shards per step (embedded mode; default: the number of students).
+        /// As many shards as gradient_accumulation_steps sums the gradient in the order of
+        /// the direct run, which then gives the same bits.
+        #[arg(long, requires = "workers")]
+        shards: Option<usize>,
+        /// Also serve the embedded coordinator on ADDR (e.g. 0.0.0.0:50051) so that
+        /// `qdistill status` can watch the job; its URL and token are logged.
+        #[arg(long, value_name = "ADDR", requires = "workers")]
+        listen: Option<String>,
+        /// The embedded job's token [default: kept in <output_dir>/.qdistill_token, made
+        /// on first use]. Not used without --workers (so a QDISTILL_TOKEN set for a
+        /// cluster does not get in the way of the direct run).
+        #[arg(long, env = "QDISTILL_TOKEN", hide_env_values = true)]
+        token: Option<String>,
     },
     /// Show what a job's data becomes: sample and token counts, the masked share, the
     /// rehearsal mix and the number of optimizer steps; with `--dump`, write every
@@ -410,11 +446,46 @@ impl std::error::Error for WorkerTerminated {}
 
 fn run_command(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Train { config, mut overrides, no_progress, device, metrics_addr } => {
-            let _metrics = serve_metrics(metrics_addr, "train")?;
+        Command::Train { config, mut overrides, no_progress, device, metrics_addr, workers, devices, teacher_ranks, shards, listen, token } => {
             if let Some(d) = device {
                 overrides.push(format!("device={d}"));
             }
+            match workers {
+                Some(n) if n >= 2 => {
+                    let n = n as usize;
+                    let mut opts = qdistill_worker::cluster::EmbeddedOptions::new(n);
+                    opts.devices = devices.map(|d| qdistill_worker::cluster::parse_devices(&d, n)).transpose()?;
+                    opts.teacher_ranks = teacher_ranks;
+                    opts.shards = shards;
+                    opts.listen = listen;
+                    opts.token = token;
+                    opts.metrics_addr = metrics_addr;
+                    opts.progress = !no_progress;
+                    let run = qdistill_worker::cluster::run_embedded(&config, &overrides, opts)
+                        .with_context(|| format!("training with {} (embedded, {n} workers)", config.display()))?;
+                    let o = &run.outcome;
+                    if run.terminated {
+                        eprintln!(
+                            "stopped at step {} (last checkpoint in {}); the same command continues the job",
+                            o.committed_steps,
+                            o.output_dir.display()
+                        );
+                        return Err(WorkerTerminated.into());
+                    }
+                    println!(
+                        "done: {} steps, generation {}; adapter in {}",
+                        o.committed_steps,
+                        o.generation,
+                        o.output_dir.join("final_model").display()
+                    );
+                    return Ok(());
+                }
+                Some(_) if devices.is_some() || shards.is_some() || listen.is_some() => {
+                    anyhow::bail!("--devices, --shards and --listen are for embedded mode: pass --workers 2 or more")
+                }
+                _ => {}
+            }
+            let _metrics = serve_metrics(metrics_addr, "train")?;
             let summary = qdistill_worker::run::train(&config, &overrides, !no_progress)
                 .with_context(|| format!("training with {}", config.display()))?;
             println!("{}", summary.table());

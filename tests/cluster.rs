@@ -27,62 +27,13 @@ use qdistill_worker::run::{live_topk_spec, prepare, teacher_batch, Prepared};
 use qdistill_worker::trainer::{dropout_seed, DeviceBatch};
 
 mod common;
-use common::{fixture_llama, write_word_text};
+use common::{write_cluster_job as write_job, G};
 
 const TOKEN: &str = "cluster-test-token";
-const G: usize = 4;
 const SHARDS: usize = 2;
 
 /// The multi-process tests share 2 CPU cores: run them one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
-
-/// Model, data and config of a small job under `dir`; returns the config path.
-fn write_job(dir: &Path) -> PathBuf {
-    let model = fixture_llama(dir, "llama");
-    let data = dir.join("train.jsonl");
-    write_word_text(&data);
-    let cfg = dir.join("job.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"output_dir = "{out}"
-seed = 11
-device = "cpu"
-[model]
-model_name_or_path = "{model}"
-keep_layers = "0"
-[teacher]
-mode = "model"
-model_name_or_path = "{model}"
-[lora]
-r = 4
-lora_alpha = 8
-lora_dropout = 0.1
-[distill]
-temperature = 2.0
-kd_weight = 0.5
-[data]
-train_file = "{data}"
-max_seq_length = 64
-[training]
-per_device_train_batch_size = 4
-gradient_accumulation_steps = {G}
-max_steps = 10
-learning_rate = 1e-2
-warmup_steps = 1
-lr_scheduler_type = "cosine"
-max_grad_norm = 1.0
-save_steps = 2
-logging_steps = 1
-"#,
-            out = dir.join("out").display(),
-            model = model.display(),
-            data = data.display(),
-        ),
-    )
-    .unwrap();
-    cfg
-}
 
 fn load_config(path: &Path, overrides: &[String], out: &Path) -> TrainConfig {
     let mut o = overrides.to_vec();

@@ -11,7 +11,7 @@ pub mod state;
 pub mod store;
 
 pub use client::{status_with, Client};
-pub use service::{generate_token, job_spec, serve, start, Outcome, RunningCoordinator, ServeOptions};
+pub use service::{generate_token, job_spec, serve, start, CoordinatorHandle, Outcome, RunningCoordinator, ServeOptions};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CoordError {

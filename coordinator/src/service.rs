@@ -654,11 +654,49 @@ pub struct RunningCoordinator {
     addr: SocketAddr,
     /// "https" when serving TLS.
     scheme: &'static str,
-    shutdown: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Result<Outcome, CoordError>>,
-    shared: Arc<Shared>,
+    handle: CoordinatorHandle,
     /// Serves until the coordinator is dropped.
     metrics: Option<MetricsServer>,
+}
+
+/// Acts on a running coordinator while [`RunningCoordinator::wait`] owns it: the signal
+/// handler of [`serve`], or a process that runs its workers in threads of its own.
+#[derive(Clone)]
+pub struct CoordinatorHandle {
+    shared: Arc<Shared>,
+    stop: Arc<Mutex<Option<oneshot::Sender<()>>>>,
+}
+
+impl CoordinatorHandle {
+    /// The numbers the metrics endpoint reports.
+    pub fn snapshot(&self) -> JobSnapshot {
+        self.shared.snapshot()
+    }
+    /// See [`RunningCoordinator::drain`].
+    pub fn drain(&self, timeout: Duration) -> impl std::future::Future<Output = Option<u64>> + Send + 'static {
+        let shared = self.shared.clone();
+        async move { drain(&shared, timeout).await }
+    }
+    /// Ends a job that is not over yet as failed, with `why`: every worker is told to
+    /// stop at its next call, as when the generation limit is reached.
+    pub fn fail(&self, why: impl Into<String>) {
+        let mut job = self.shared.job();
+        if matches!(job.phase(), Phase::Done | Phase::Failed(_)) {
+            return;
+        }
+        let why = why.into();
+        tracing::warn!("the job ends: {why}");
+        job.fail(why);
+        drop(job);
+        self.shared.progress.notify_waiters();
+    }
+    /// Stops serving now, whatever the job's state.
+    pub fn shutdown(&self) {
+        if let Some(tx) = self.stop.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = tx.send(());
+        }
+    }
 }
 
 impl RunningCoordinator {
@@ -675,7 +713,11 @@ impl RunningCoordinator {
     }
     /// The numbers the metrics endpoint reports.
     pub fn snapshot(&self) -> JobSnapshot {
-        self.shared.snapshot()
+        self.handle.snapshot()
+    }
+    /// A handle that stays usable while [`Self::wait`] runs.
+    pub fn handle(&self) -> CoordinatorHandle {
+        self.handle.clone()
     }
     /// Asks student rank 0 to upload a checkpoint after the step in progress and waits,
     /// at most `timeout`, until one newer than the last committed step is stored. Returns
@@ -683,14 +725,11 @@ impl RunningCoordinator {
     /// committed since the last save point would otherwise be trained again after a
     /// restart.
     pub fn drain(&self, timeout: Duration) -> impl std::future::Future<Output = Option<u64>> + Send + 'static {
-        let shared = self.shared.clone();
-        async move { drain(&shared, timeout).await }
+        self.handle.drain(timeout)
     }
     /// Stops serving now, whatever the job's state.
     pub fn shutdown(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
+        self.handle.shutdown();
     }
     /// Runs until the job is over and every worker was told so (or its lease ran out),
     /// or until [`Self::shutdown`].
@@ -950,7 +989,8 @@ pub async fn start(cfg: &TrainConfig, total_steps: u64, listener: tokio::net::Tc
         })
     });
     tracing::info!(%addr, tls = scheme == "https", "coordinator listening");
-    Ok(RunningCoordinator { addr, scheme, shutdown: Some(stop_tx), task, shared: watcher_shared, metrics })
+    let handle = CoordinatorHandle { shared: watcher_shared, stop: Arc::new(Mutex::new(Some(stop_tx))) };
+    Ok(RunningCoordinator { addr, scheme, task, handle, metrics })
 }
 
 /// `qdistill coordinator`: serves `cfg`'s job on `addr` until it is over, or until Ctrl-C
@@ -964,8 +1004,8 @@ pub fn serve(cfg: &TrainConfig, total_steps: u64, addr: &str, opts: ServeOptions
     rt.block_on(async {
         let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| CoordError::Io { what: format!("binding {addr}"), source: e })?;
         let drain_timeout = opts.drain_timeout;
-        let mut running = start(cfg, total_steps, listener, opts).await?;
-        let stop = running.shutdown.take();
+        let running = start(cfg, total_steps, listener, opts).await?;
+        let handle = running.handle();
         let drain = running.drain(drain_timeout);
         let on_signal = tokio::spawn(async move {
             crate::shutdown_signal().await;
@@ -977,9 +1017,7 @@ pub fn serve(cfg: &TrainConfig, total_steps: u64, addr: &str, opts: ServeOptions
                 }
             }
             tracing::warn!("the coordinator stops (the job is on disk: the same command with the same token continues it)");
-            if let Some(tx) = stop {
-                let _ = tx.send(());
-            }
+            handle.shutdown();
         });
         let r = running.wait().await;
         on_signal.abort();
@@ -1048,6 +1086,25 @@ mod tests {
         assert!(e.contains("already holds checkpoint-2"), "{e}");
         let e = open_job(&cfg, job_spec(&cfg, 7, &opts("tok")).unwrap(), "tok", &store).err().unwrap().to_string();
         assert!(e.contains("already holds checkpoint-2"), "{e}");
+    }
+
+    /// `fail` ends a running job with the first reason given, and the coordinator, with no
+    /// worker left to tell, stops serving.
+    #[test]
+    fn a_job_failed_through_the_handle_keeps_the_first_reason_and_stops() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path(), "1e-4");
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let outcome = rt.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let running = start(&cfg, 6, listener, opts("tok")).await.unwrap();
+            let handle = running.handle();
+            handle.fail("worker-1 (cpu): out of memory");
+            handle.fail("a later reason");
+            tokio::time::timeout(Duration::from_secs(30), running.wait()).await.expect("the coordinator kept serving").unwrap()
+        });
+        assert_eq!(outcome.phase, Phase::Failed("worker-1 (cpu): out of memory".into()));
+        assert_eq!(outcome.committed_steps, 0);
     }
 
     #[test]

@@ -49,6 +49,59 @@ pub fn fixture_llama(dir: &Path, name: &str) -> PathBuf {
     model
 }
 
+/// gradient_accumulation_steps of [`write_cluster_job`].
+pub const G: usize = 4;
+
+/// Model, data and config of the small distillation job the cluster and embedded tests
+/// train (a teacher model, `G` microbatches a step, ten steps, checkpoints every two),
+/// under `dir`; returns the config path.
+pub fn write_cluster_job(dir: &Path) -> PathBuf {
+    let model = fixture_llama(dir, "llama");
+    let data = dir.join("train.jsonl");
+    write_word_text(&data);
+    let cfg = dir.join("job.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"output_dir = "{out}"
+seed = 11
+device = "cpu"
+[model]
+model_name_or_path = "{model}"
+keep_layers = "0"
+[teacher]
+mode = "model"
+model_name_or_path = "{model}"
+[lora]
+r = 4
+lora_alpha = 8
+lora_dropout = 0.1
+[distill]
+temperature = 2.0
+kd_weight = 0.5
+[data]
+train_file = "{data}"
+max_seq_length = 64
+[training]
+per_device_train_batch_size = 4
+gradient_accumulation_steps = {G}
+max_steps = 10
+learning_rate = 1e-2
+warmup_steps = 1
+lr_scheduler_type = "cosine"
+max_grad_norm = 1.0
+save_steps = 2
+logging_steps = 1
+"#,
+            out = dir.join("out").display(),
+            model = model.display(),
+            data = data.display(),
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
 /// Ten words, for data the character tokenizer covers.
 pub const WORDS: [&str; 10] = ["red", "fox", "jumps", "over", "lazy", "dog", "blue", "sky", "rain", "falls"];
 

@@ -8,6 +8,7 @@
 //! through the coordinator, so workers need no shared writable storage.
 
 mod ckpt;
+mod embedded;
 mod nccl;
 mod session;
 mod student;
@@ -26,6 +27,7 @@ use qdistill_coordinator::client::{Client, ConnectOptions};
 use qdistill_coordinator::plan::{DeviceKind, Resources};
 use qdistill_coordinator::state::{Assignment, Role};
 
+pub use embedded::{parse_devices, run_embedded, EmbeddedOptions, EmbeddedRun, TOKEN_FILE};
 use session::{Rpc, Session};
 
 /// How a worker joins a job.
@@ -53,6 +55,9 @@ pub struct WorkerOptions {
     /// Offer NCCL for teacher outputs and gradients (a CUDA build on a CUDA `device`); a
     /// generation uses it only when every peer offers it.
     pub nccl: bool,
+    /// Leave on Ctrl-C / SIGTERM (a student first checkpoints its step). Off where the
+    /// process running the worker stops the job itself.
+    pub handle_signals: bool,
 }
 
 impl WorkerOptions {
@@ -70,6 +75,7 @@ impl WorkerOptions {
             collective_timeout: Duration::from_secs(1800),
             teacher_lookahead_steps: 2,
             nccl: true,
+            handle_signals: true,
         }
     }
 }
@@ -209,7 +215,7 @@ pub fn run_worker(opts: WorkerOptions) -> anyhow::Result<WorkerExit> {
     let advertise = advertise_addr(&listener, &opts)?;
     let client = rt.block_on(Client::connect(&opts.coordinator_url, &opts.token, &opts.connect))?;
     let rpc = Rpc { rt, client, connect: opts.connect.clone() };
-    let term = session::install_signal_flag(&rpc.rt);
+    let term = if opts.handle_signals { session::install_signal_flag(&rpc.rt) } else { Default::default() };
     let name = opts.name.clone().unwrap_or_else(|| format!("{}:{}", hostname(), std::process::id()));
     let resources = match opts.device {
         Some(config::Device::Cuda(_)) => Resources { device_kind: DeviceKind::Cuda, nccl: opts.nccl && cfg!(feature = "cuda"), ..detect_resources() },
