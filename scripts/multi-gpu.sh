@@ -18,11 +18,13 @@
 # step: the global batch grows with the GPUs) and distill-8b-1b.toml as 1 teacher + 3
 # students. Each prints one table: tokens/s (mean over the steps after the first 2),
 # ratios, GPU busy % per GPU over those steps (nvidia-smi every 200 ms), and the student's
-# recv-wait and all-reduce shares of its step. QD_LLAMA_STEPS (12) sets their steps.
+# recv-wait and all-reduce shares of its step. "scale8" (8 GPUs) does the same with
+# Llama-3-8B NF4 + LoRA students (LwF on 1, 2, 4, 8 GPUs; 2 teachers + 6 students) and
+# kills one of 8 students mid-run. QD_LLAMA_STEPS (12) sets their steps.
 # QDISTILL_MGPU_DRYRUN=1 runs the same logic on the CPU with tiny models of the same
 # vocabulary and tokenizer (no NCCL, no GPU sampling, the baseline in float32).
 #
-#   scripts/multi-gpu.sh [STEPS] [RUN...]   (runs: equivalence recovery overlap-eq llama2 scale4;
+#   scripts/multi-gpu.sh [STEPS] [RUN...]   (runs: equivalence recovery overlap-eq llama2 scale4 scale8;
 #                                            default equivalence recovery)
 #
 # Needs a CUDA build of qdistill (QD_BIN, default ~/qd/qdistill, unpacked from
@@ -116,7 +118,12 @@ run_recovery() { # NAME: two LwF students on cuda:0/1, the second killed mid-run
   echo "$name: exit $? in $((SECONDS - t0)) s"
   "$BIN" status --coordinator "http://127.0.0.1:$port" 2>/dev/null | sed 's/^/    /'
   grep -h "generation\|ledger" "$OUT/$name-coordinator.log" | tail -6 | cut -c1-240 | sed 's/^/    /'
-  [[ -f $OUT/$name/ledger.json ]] && "$PY" - "$OUT/$name/ledger.json" <<'PYEOF'
+  ledger_summary "$OUT/$name/ledger.json"
+}
+
+ledger_summary() { # LEDGER.json: every step committed once, generations, rolled-back steps
+  [[ -f $1 ]] || { echo "    no ledger at $1"; return; }
+  "$PY" - "$1" <<'PYEOF'
 import json, sys
 led = json.load(open(sys.argv[1]))
 steps, back = led["steps"], led["rolled_back"]
@@ -354,6 +361,62 @@ scale4() {
   llama_table "scale4: LwF 1B students on 1, 2, 4 GPUs; 1 teacher + 3 students" lwf-1:cluster:1 lwf-2:cluster:2:lwf-1 lwf-4:cluster:4:lwf-1 t1s3:cluster:4
 }
 
+# A cluster run at Llama shapes in which one worker (the last device's) is SIGKILLed once a
+# checkpoint exists and the run is 2 steps past it; a fresh worker takes its device. The
+# job must re-form (new NCCL communicators), resume from the checkpoint and finish, with
+# every step committed exactly once in the ledger.
+llama_recovery() { # NAME CONFIG COORDINATOR-FLAGS... -- DEVICES...
+  local name=$1 cfg=$2; shift 2
+  local flags=() devs=()
+  while [[ $1 != -- ]]; do flags+=("$1"); shift; done; shift
+  devs=("$@")
+  local n=${#devs[@]} port; port=$(free_port)
+  local last=$((n - 1)) t0=$SECONDS
+  timeout "$LLIMIT" "$BIN" coordinator "$cfg" "${LL_SET[@]}" --set "output_dir=$LL/$name" --set training.save_steps=4 "${flags[@]}" \
+    --listen "127.0.0.1:$port" --workers "$n" --min-workers "$last" --heartbeat 0.5 --lease 5 > "$LL/$name-coordinator.log" 2>&1 &
+  local coord=$!
+  sleep 1
+  local pids=()
+  for i in "${!devs[@]}"; do
+    timeout "$LLIMIT" "$BIN" worker --coordinator "http://127.0.0.1:$port" --name "w$i-${devs[$i]}" --device "${devs[$i]}" \
+      > "$LL/$name-w$i.log" 2>&1 &
+    pids+=($!)
+  done
+  local st=""
+  for _ in $(seq 1 900); do
+    st=$("$BIN" status --coordinator "http://127.0.0.1:$port" 2>/dev/null | head -1)
+    [[ $st =~ ([0-9]+)/[0-9]+\ steps\ committed.*checkpoint-([0-9]+) ]] && (( BASH_REMATCH[1] >= BASH_REMATCH[2] + 2 )) && break
+    sleep 0.2
+  done
+  echo "  killing worker w$last on ${devs[$last]} at: $st"
+  pkill -KILL -f -- "--name w$last-" || kill -9 "${pids[$last]}"  # the worker, not its `timeout` wrapper
+  timeout "$LLIMIT" "$BIN" worker --coordinator "http://127.0.0.1:$port" --name "replacement-${devs[$last]}" --device "${devs[$last]}" \
+    > "$LL/$name-replacement.log" 2>&1 &
+  local repl=$!
+  wait "${pids[@]:0:last}" $repl
+  wait $coord
+  echo "$name: exit $? in $((SECONDS - t0)) s"
+  grep -h "missed its lease\|generation [0-9]*:" "$LL/$name-coordinator.log" | tail -4 | cut -c1-240 | sed 's/^/    /'
+  ledger_summary "$LL/$name/ledger.json"
+}
+
+# scale8 (8 GPUs): Llama-3-8B NF4 + LoRA students (random weights): LwF students on 1, 2, 4
+# and 8 GPUs (2 micro-batches per GPU a step), 2 NF4 8B teachers serving 6 students, then
+# the 8-student LwF run with one student killed and replaced mid-run.
+scale8() {
+  llama_setup || return 1
+  local lwf=$SHAPES/lwf-1b.toml cfg=$SHAPES/distill-8b-1b.toml n
+  local s8=(--set "model.model_name_or_path=$SHAPES/llama-3-8b") dry=() d=(cuda:0 cuda:1 cuda:2 cuda:3 cuda:4 cuda:5 cuda:6 cuda:7)
+  [[ $DRY == 1 ]] && s8=(--set "model.model_name_or_path=$LL_TEACHER") dry=(--set "teacher.model_name_or_path=$LL_TEACHER") d=(cpu cpu cpu cpu cpu cpu cpu cpu)
+  for n in 1 2 4 8; do
+    llama_cluster "lwf8b-$n" "$lwf" "${s8[@]}" --set "training.gradient_accumulation_steps=$((2 * n))" -- "${d[@]:0:n}"
+  done
+  llama_cluster t2s6 "$cfg" "${s8[@]}" "${dry[@]}" --set training.gradient_accumulation_steps=12 --teacher-ranks 2 -- "${d[@]}"
+  llama_table "scale8: 8B LwF students on 1, 2, 4, 8 GPUs; 2 teachers + 6 students" lwf8b-1:cluster:1 lwf8b-2:cluster:2:lwf8b-1 \
+    lwf8b-4:cluster:4:lwf8b-1 lwf8b-8:cluster:8:lwf8b-1 t2s6:cluster:8
+  llama_recovery lwf8b-recovery "$lwf" "${s8[@]}" --set training.gradient_accumulation_steps=16 -- "${d[@]}"
+}
+
 # The overlapped gradient all-reduce (each block's adapter gradients reduced over NCCL as
 # its backward ends) against one GPU with the same global batch: 2 LwF students with one
 # micro-batch each vs one process with two. With two ranks every sum is a + b in either
@@ -405,6 +468,7 @@ fi
 [[ $RUNS == *overlap-eq* ]] && overlap_eq
 [[ $RUNS == *llama2* ]] && llama2
 [[ $RUNS == *scale4* ]] && scale4
+[[ $RUNS == *scale8* ]] && scale8
 (( ${#pairs[@]} )) || exit 0
 
 "$PY" - "$OUT" "${pairs[@]}" <<'EOF'
