@@ -1,6 +1,6 @@
 //! GPU checks of the NCCL collective (feature `cuda`, two or more GPUs), for `qdistill
-//! selftest`: the conformance suite the CPU transports pass, run over NCCL with one rank per
-//! GPU; the device all-reduce of an 8B-sized LoRA gradient buffer against a host sum;
+//! selftest`: the conformance suite the CPU transports pass, run over NCCL on two GPUs; the
+//! device all-reduce of an 8B-sized LoRA gradient buffer over every GPU against a host sum;
 //! teacher-output tensors sent device to device, several in flight, bit for bit; and an
 //! abort that frees a rank stuck waiting for a peer that never sends.
 
@@ -28,32 +28,51 @@ pub fn nccl_checks() -> Vec<Check> {
         Ok(d) => d,
         Err(e) => return vec![("nccl: open the GPUs".into(), Err(anyhow!("{e}")))],
     };
-    // A communicator that never forms must fail the check, not hang the self-test: the
-    // init runs on its own thread (left behind, and ended with the process, on timeout).
+    let mut out: Vec<Check> = Vec::new();
+    // NCCL's point-to-point calls are rendezvous: a send completes only once its peer posts
+    // the matching receive. The conformance suite's pattern (every rank sends to every other
+    // rank before it receives) is the buffered semantics of the CPU transports and deadlocks
+    // NCCL beyond two ranks, so it and the tensor checks run on the first two GPUs; the
+    // gradient all-reduce, the collective the training path uses across all students, runs
+    // on every GPU.
+    let pair = &devices[..2];
+    let ranks = match form(pair) {
+        Ok(r) => r,
+        Err(e) => return vec![("nccl: communicator over 2 GPUs".into(), Err(e))],
+    };
+    out.push((
+        "nccl conformance suite, 2 ranks".into(),
+        with_deadline(&ranks, || on_every_rank(&ranks, |c, arrived| conformance::run(c, arrived, false).map(|_| String::new()))),
+    ));
+    out.push(("nccl bf16 tensors rank 0 -> 1, 4 in flight, bit-exact".into(), with_deadline(&ranks, || send_check(&ranks))));
+    let all = if n == 2 { Ok(ranks) } else { form(&devices) };
+    match all {
+        Ok(all) => {
+            out.push((
+                format!("nccl device all-reduce {LLAMA3_8B_R16_PARAMS} f32, {n} ranks vs host sum"),
+                with_deadline(&all, || all_reduce_check(&all, &devices)),
+            ));
+            // Last: it aborts rank 1's communicator.
+            out.push(("nccl abort frees a rank waiting for a silent peer".into(), abort_check(&all)));
+        }
+        Err(e) => out.push((format!("nccl: communicator over {n} GPUs"), Err(e))),
+    }
+    out
+}
+
+/// One communicator over `devices`, formed on a thread of its own: one that never forms
+/// fails the check instead of hanging the self-test (the thread is left behind and ends with
+/// the process).
+fn form(devices: &[Device]) -> anyhow::Result<Vec<NcclCollective>> {
     let (tx, rx) = std::sync::mpsc::channel();
-    let init_devices = devices.clone();
+    let init_devices = devices.to_vec();
     std::thread::spawn(move || {
         let _ = tx.send(NcclCollective::group(&init_devices));
     });
-    let ranks = match rx.recv_timeout(CHECK_DEADLINE) {
-        Ok(Ok(r)) => r,
-        Ok(Err(e)) => return vec![(format!("nccl: communicator over {n} GPUs"), Err(anyhow!("{e}")))],
-        Err(_) => {
-            return vec![(format!("nccl: communicator over {n} GPUs"), Err(anyhow!("not formed within {} s", CHECK_DEADLINE.as_secs())))]
-        }
-    };
-    let mut out: Vec<Check> = Vec::new();
-    out.push((
-        format!("nccl conformance suite, {n} ranks"),
-        with_deadline(&ranks, || on_every_rank(&ranks, |c, arrived| conformance::run(c, arrived, false).map(|_| String::new()))),
-    ));
-    out.push((
-        format!("nccl device all-reduce {LLAMA3_8B_R16_PARAMS} f32, {n} ranks vs host sum"),
-        with_deadline(&ranks, || all_reduce_check(&ranks, &devices)),
-    ));
-    out.push(("nccl bf16 tensors rank 0 -> 1, 4 in flight, bit-exact".into(), with_deadline(&ranks, || send_check(&ranks))));
-    out.push(("nccl abort frees a rank waiting for a silent peer".into(), abort_check(&ranks)));
-    out
+    match rx.recv_timeout(CHECK_DEADLINE) {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(anyhow!("a communicator over {} GPUs did not form within {} s", devices.len(), CHECK_DEADLINE.as_secs())),
+    }
 }
 
 /// How long one NCCL check may take before its communicators are aborted.

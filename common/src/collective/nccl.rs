@@ -4,7 +4,12 @@
 //! buffer in place (the students' flat fp32 gradient buffer) and
 //! [`NcclCollective::send_tensor`] / [`NcclCollective::recv_tensor`] move teacher outputs
 //! device to device. The byte-message methods of the trait go through small staging
-//! buffers, so the same conformance suite as the CPU transports runs over NCCL too.
+//! buffers, so the same conformance suite as the CPU transports runs over NCCL too — on
+//! two ranks: NCCL's point-to-point is a rendezvous (a send completes once the peer posts
+//! its receive), so patterns where every rank sends to several peers before it receives,
+//! which the buffered CPU transports allow, deadlock beyond two ranks. The training path
+//! sends only teacher → student tensors that the student is waiting for, and keeps its
+//! control messages on the TCP mesh.
 //!
 //! Streams: NCCL work runs on a stream of its own. A send waits only for the compute
 //! stream's work queued before it and holds its tensor until NCCL has read it, so a teacher
