@@ -27,7 +27,7 @@ use qdistill_worker::run::{live_topk_spec, prepare, teacher_batch, Prepared};
 use qdistill_worker::trainer::{dropout_seed, DeviceBatch};
 
 mod common;
-use common::{write_cluster_job as write_job, G};
+use common::{assert_bit_identical, check_ledger, read_adapter, write_cluster_job as write_job, G};
 
 const TOKEN: &str = "cluster-test-token";
 const SHARDS: usize = 2;
@@ -50,7 +50,7 @@ fn scheduler(k: LrSchedulerType) -> SchedulerType {
     }
 }
 
-type Adapter = Vec<(String, Vec<f32>)>;
+type Adapter = HashMap<String, Vec<f32>>;
 
 /// The reference: the trainer's `Student` in one process, each step's gradient summed as
 /// `SHARDS` partial sums of contiguous microbatches, added in order. Also returns the
@@ -124,21 +124,6 @@ fn job() -> &'static Job {
 fn lwf_job() -> &'static Job {
     static JOB: OnceLock<Job> = OnceLock::new();
     JOB.get_or_init(|| Job::new(&["teacher.mode=lwf", "teacher.model_name_or_path=null"]))
-}
-
-fn read_adapter(path: &Path) -> HashMap<String, Vec<f32>> {
-    let t = candle_core::safetensors::load(path, &candle_core::Device::Cpu).unwrap();
-    t.into_iter().map(|(n, t)| (n, t.flatten_all().unwrap().to_vec1::<f32>().unwrap())).collect()
-}
-
-fn assert_bit_identical(got: &HashMap<String, Vec<f32>>, want: &Adapter, what: &str) {
-    assert_eq!(got.len(), want.len(), "{what}: tensor count");
-    for (name, w) in want {
-        let g = got.get(name).unwrap_or_else(|| panic!("{what}: {name} missing"));
-        let diff = g.iter().zip(w).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
-        let max = g.iter().zip(w).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
-        assert_eq!(diff, 0, "{what}: {name}: {diff} of {} values differ (max |Δ| {max:e})", w.len());
-    }
 }
 
 /// Entry point of the worker processes the tests spawn; does nothing when run directly.
@@ -277,40 +262,6 @@ fn join_workers(workers: &mut [Worker], skip: &[&str]) {
     }
 }
 
-#[derive(serde::Deserialize)]
-struct LedgerRank {
-    student_rank: usize,
-    micro_batches: Vec<u64>,
-    sample_ids: Vec<u64>,
-}
-#[derive(serde::Deserialize)]
-struct LedgerStep {
-    step: u64,
-    generation: u64,
-    ranks: Vec<LedgerRank>,
-}
-#[derive(serde::Deserialize)]
-struct Ledger {
-    steps: Vec<LedgerStep>,
-    rolled_back: Vec<LedgerStep>,
-}
-
-/// Every step is in the ledger once; its microbatches are exactly that step's, each
-/// trained by one student; its samples are the single-process stream's, in order.
-fn check_ledger(out: &Path, samples: &[Vec<u64>]) -> Ledger {
-    let l: Ledger = serde_json::from_slice(&std::fs::read(out.join("ledger.json")).unwrap()).unwrap();
-    assert_eq!(l.steps.iter().map(|s| s.step).collect::<Vec<_>>(), (0..samples.len() as u64).collect::<Vec<_>>());
-    for s in &l.steps {
-        let mut ranks: Vec<&LedgerRank> = s.ranks.iter().collect();
-        ranks.sort_by_key(|r| r.student_rank);
-        let batches: Vec<u64> = ranks.iter().flat_map(|r| r.micro_batches.iter().copied()).collect();
-        let want: Vec<u64> = (0..G as u64).map(|k| s.step * G as u64 + k).collect();
-        assert_eq!(batches, want, "step {}: microbatches", s.step);
-        let ids: Vec<u64> = ranks.iter().flat_map(|r| r.sample_ids.iter().copied()).collect();
-        assert_eq!(ids, samples[s.step as usize], "step {}: samples (no sample trained twice or skipped)", s.step);
-    }
-    l
-}
 
 #[test]
 fn one_teacher_and_two_students_match_the_reference_bit_for_bit() {

@@ -15,7 +15,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{write_cluster_job, G};
+use common::{assert_bit_identical, check_ledger, read_adapter, write_cluster_job, G};
 
 /// The training runs share 2 CPU cores: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -96,55 +96,6 @@ fn wait(child: &mut Child, log: impl Fn() -> String) -> ExitStatus {
     }
 }
 
-fn read_adapter(path: &Path) -> HashMap<String, Vec<f32>> {
-    let t = candle_core::safetensors::load(path, &candle_core::Device::Cpu).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    t.into_iter().map(|(n, t)| (n, t.flatten_all().unwrap().to_vec1::<f32>().unwrap())).collect()
-}
-
-fn assert_bit_identical(got: &HashMap<String, Vec<f32>>, want: &HashMap<String, Vec<f32>>, what: &str) {
-    assert_eq!(got.len(), want.len(), "{what}: tensor count");
-    for (name, w) in want {
-        let g = got.get(name).unwrap_or_else(|| panic!("{what}: {name} missing"));
-        let diff = g.iter().zip(w).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
-        let max = g.iter().zip(w).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
-        assert_eq!(diff, 0, "{what}: {name}: {diff} of {} values differ (max |Δ| {max:e})", w.len());
-    }
-}
-
-#[derive(serde::Deserialize)]
-struct LedgerRank {
-    student_rank: usize,
-    micro_batches: Vec<u64>,
-    sample_ids: Vec<u64>,
-}
-#[derive(serde::Deserialize)]
-struct LedgerStep {
-    step: u64,
-    generation: u64,
-    ranks: Vec<LedgerRank>,
-}
-#[derive(serde::Deserialize)]
-struct Ledger {
-    steps: Vec<LedgerStep>,
-    rolled_back: Vec<LedgerStep>,
-}
-
-/// Every step is in the ledger once, with exactly its own microbatches (each trained by
-/// one student) and the data stream's samples in order.
-fn check_ledger(out: &Path, samples: &[Vec<u64>]) -> Ledger {
-    let path = out.join("ledger.json");
-    let l: Ledger = serde_json::from_slice(&std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).unwrap();
-    assert_eq!(l.steps.iter().map(|s| s.step).collect::<Vec<_>>(), (0..samples.len() as u64).collect::<Vec<_>>(), "steps in the ledger");
-    for s in &l.steps {
-        let mut ranks: Vec<&LedgerRank> = s.ranks.iter().collect();
-        ranks.sort_by_key(|r| r.student_rank);
-        let batches: Vec<u64> = ranks.iter().flat_map(|r| r.micro_batches.iter().copied()).collect();
-        assert_eq!(batches, (0..G as u64).map(|k| s.step * G as u64 + k).collect::<Vec<_>>(), "step {}: microbatches", s.step);
-        let ids: Vec<u64> = ranks.iter().flat_map(|r| r.sample_ids.iter().copied()).collect();
-        assert_eq!(ids, samples[s.step as usize], "step {}: samples", s.step);
-    }
-    l
-}
 
 /// The outputs `qdistill coordinator` writes: checkpoints at the save points in PEFT/HF
 /// layout, the job record.

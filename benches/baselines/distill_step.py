@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, LlamaForCausalLM
 
+from qd_common import to_nf4
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -44,20 +46,6 @@ def build(path, attn, device, dtype):
         return LlamaForCausalLM(cfg)
 
 
-def to_nf4(model):
-    """Every block linear as bitsandbytes NF4 (double quant, blocksize 64), as
-    hf_peft_step.py and the reference baselines quantize."""
-    import bitsandbytes as bnb
-    for layer in model.model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name, mod in list(parent.named_children()):
-                if isinstance(mod, torch.nn.Linear):
-                    q = bnb.nn.Linear4bit(mod.in_features, mod.out_features, bias=False, compute_dtype=torch.bfloat16,
-                                          quant_type="nf4", compress_statistics=True, device="meta")
-                    q.weight = bnb.nn.Params4bit(mod.weight.data, requires_grad=False, quant_type="nf4",
-                                                 compress_statistics=True, module=q).to("cuda")
-                    setattr(parent, name, q)
-    torch.cuda.empty_cache()
 
 
 def distill_loss(s_logits, t_logits, ids, accum):

@@ -8,7 +8,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaForCausalLM
 
-from qd_common import HEADER, PEAK_BF16, TARGETS, dense_params, llama_config, median_ms, row
+from qd_common import HEADER, PEAK_BF16, TARGETS, dense_params, llama_config, median_ms, row, to_nf4
 
 shape, B, S, gc = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "gc"
 nf4 = "nf4" in sys.argv[5:]
@@ -20,18 +20,8 @@ with torch.device("cuda"):
     m = LlamaForCausalLM(cfg)
 impl = "hf+peft"
 if nf4:
-    import bitsandbytes as bnb
     impl = "hf+peft+bnb"
-    for layer in m.model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name, mod in list(parent.named_children()):
-                if isinstance(mod, torch.nn.Linear):
-                    q = bnb.nn.Linear4bit(mod.in_features, mod.out_features, bias=False, compute_dtype=torch.bfloat16,
-                                          quant_type="nf4", compress_statistics=True, device="meta")
-                    q.weight = bnb.nn.Params4bit(mod.weight.data, requires_grad=False, quant_type="nf4",
-                                                 compress_statistics=True, module=q).to("cuda")
-                    setattr(parent, name, q)
-    torch.cuda.empty_cache()
+    to_nf4(m)
 N = dense_params(cfg)
 ids = torch.randint(0, cfg.vocab_size, (B, S), device="cuda")
 print(HEADER, flush=True)

@@ -51,3 +51,19 @@ def row(impl, case, value, unit, ms, peak_gib, note):
     v = "%.1f %s" % (value, unit) if value else "-"
     p = "%.2f" % peak_gib if peak_gib is not None else "-"
     print("| %s | %s | %s | %.2f | %s | %s |" % (impl, case, v, ms, p, note), flush=True)
+
+
+def to_nf4(model):
+    """Every block linear as bitsandbytes NF4 (double quant, blocksize 64, bf16 compute),
+    as the reference baselines quantize."""
+    import bitsandbytes as bnb
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, mod in list(parent.named_children()):
+                if isinstance(mod, torch.nn.Linear):
+                    q = bnb.nn.Linear4bit(mod.in_features, mod.out_features, bias=False, compute_dtype=torch.bfloat16,
+                                          quant_type="nf4", compress_statistics=True, device="meta")
+                    q.weight = bnb.nn.Params4bit(mod.weight.data, requires_grad=False, quant_type="nf4",
+                                                 compress_statistics=True, module=q).to("cuda")
+                    setattr(parent, name, q)
+    torch.cuda.empty_cache()

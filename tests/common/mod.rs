@@ -4,6 +4,7 @@
 // Each test file compiles this module on its own and uses a part of it.
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 pub fn root() -> PathBuf {
@@ -156,4 +157,57 @@ pub fn write_chatml_tokenizer(dir: &Path) {
     let chatml = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
     let cfg = json!({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": null, "add_bos_token": false, "chat_template": chatml});
     std::fs::write(dir.join("tokenizer_config.json"), cfg.to_string()).unwrap();
+}
+
+// The coordinator's per-sample ledger (ledger.json), as the cluster and embedded tests read it.
+#[derive(serde::Deserialize)]
+pub struct LedgerRank {
+    pub student_rank: usize,
+    pub micro_batches: Vec<u64>,
+    pub sample_ids: Vec<u64>,
+}
+#[derive(serde::Deserialize)]
+pub struct LedgerStep {
+    pub step: u64,
+    pub generation: u64,
+    pub ranks: Vec<LedgerRank>,
+}
+#[derive(serde::Deserialize)]
+pub struct Ledger {
+    pub steps: Vec<LedgerStep>,
+    pub rolled_back: Vec<LedgerStep>,
+}
+
+/// Every step is in the ledger once, with exactly its own microbatches (each trained by
+/// one student) and the data stream's samples in order.
+pub fn check_ledger(out: &Path, samples: &[Vec<u64>]) -> Ledger {
+    let path = out.join("ledger.json");
+    let l: Ledger = serde_json::from_slice(&std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).unwrap();
+    assert_eq!(l.steps.iter().map(|s| s.step).collect::<Vec<_>>(), (0..samples.len() as u64).collect::<Vec<_>>(), "steps in the ledger");
+    for s in &l.steps {
+        let mut ranks: Vec<&LedgerRank> = s.ranks.iter().collect();
+        ranks.sort_by_key(|r| r.student_rank);
+        let batches: Vec<u64> = ranks.iter().flat_map(|r| r.micro_batches.iter().copied()).collect();
+        assert_eq!(batches, (0..G as u64).map(|k| s.step * G as u64 + k).collect::<Vec<_>>(), "step {}: microbatches", s.step);
+        let ids: Vec<u64> = ranks.iter().flat_map(|r| r.sample_ids.iter().copied()).collect();
+        assert_eq!(ids, samples[s.step as usize], "step {}: samples", s.step);
+    }
+    l
+}
+
+/// A PEFT adapter file's tensors, flattened to f32, by name.
+pub fn read_adapter(path: &Path) -> HashMap<String, Vec<f32>> {
+    let t = candle_core::safetensors::load(path, &candle_core::Device::Cpu).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    t.into_iter().map(|(n, t)| (n, t.flatten_all().unwrap().to_vec1::<f32>().unwrap())).collect()
+}
+
+/// Every tensor of `got` equals `want`'s bit for bit (the message counts the values that differ).
+pub fn assert_bit_identical(got: &HashMap<String, Vec<f32>>, want: &HashMap<String, Vec<f32>>, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: tensor count");
+    for (name, w) in want {
+        let g = got.get(name).unwrap_or_else(|| panic!("{what}: {name} missing"));
+        let diff = g.iter().zip(w).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+        let max = g.iter().zip(w).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert_eq!(diff, 0, "{what}: {name}: {diff} of {} values differ (max |Δ| {max:e})", w.len());
+    }
 }
