@@ -110,7 +110,7 @@ const SECTIONS: &[(&str, &[&str])] = &[
             "save_total_limit",
             "eval_steps",
             "gradient_checkpointing",
-            "enable_activation_offloading",
+            "activation_offloading",
             "resume_from_checkpoint",
             "report_to",
             "logging_dir",
@@ -459,7 +459,7 @@ struct RawTraining {
     #[serde(skip_serializing_if = "Option::is_none")]
     gradient_checkpointing: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    enable_activation_offloading: Option<bool>,
+    activation_offloading: Option<bool>,
     /// As in HF: `true` (latest checkpoint in output_dir), `false`, or a path.
     #[serde(skip_serializing_if = "Option::is_none")]
     resume_from_checkpoint: Option<Value>,
@@ -808,8 +808,8 @@ pub struct TrainingSection {
     /// None = evaluate only at the end (when there is eval data).
     pub eval_steps: Option<usize>,
     pub gradient_checkpointing: bool,
-    /// Checkpointed block inputs wait in pinned host memory (CUDA; torchtune's name).
-    pub enable_activation_offloading: bool,
+    /// Checkpointed block inputs wait in pinned host memory (CUDA; TRL SFTConfig's name).
+    pub activation_offloading: bool,
     pub resume_from_checkpoint: Option<ResumeFromCheckpoint>,
     /// Where metrics go besides `<output_dir>/metrics.jsonl`, which is always written
     /// (as HF always keeps `log_history`).
@@ -1560,12 +1560,12 @@ fn validate(raw: RawConfig) -> VResult<TrainConfig> {
         save_total_limit: t.save_total_limit,
         eval_steps: t.eval_steps,
         gradient_checkpointing: t.gradient_checkpointing.unwrap_or(true),
-        enable_activation_offloading: {
-            let on = t.enable_activation_offloading.unwrap_or(false);
+        activation_offloading: {
+            let on = t.activation_offloading.unwrap_or(false);
             // What is offloaded is the checkpointed block inputs: without checkpointing
             // there are none, and the key would silently do nothing.
             check(!on || t.gradient_checkpointing.unwrap_or(true), || {
-                "`training.enable_activation_offloading` = true needs `training.gradient_checkpointing` = true \
+                "`training.activation_offloading` = true needs `training.gradient_checkpointing` = true \
                  (it moves the checkpointed block inputs to host memory)"
                     .into()
             })?;
@@ -1977,7 +1977,7 @@ impl TrainConfig {
                 save_total_limit: tr.save_total_limit,
                 eval_steps: tr.eval_steps,
                 gradient_checkpointing: Some(tr.gradient_checkpointing),
-                enable_activation_offloading: Some(tr.enable_activation_offloading),
+                activation_offloading: Some(tr.activation_offloading),
                 resume_from_checkpoint: tr.resume_from_checkpoint.as_ref().map(|r| match r {
                     ResumeFromCheckpoint::Latest => Value::Bool(true),
                     ResumeFromCheckpoint::Path(p) => Value::String(path_str(p)),
@@ -2642,15 +2642,15 @@ training:
 
     #[test]
     fn activation_offloading_needs_checkpointing_and_round_trips() {
-        assert!(!toml_cfg(&minimal_plus("training", "")).unwrap().training.enable_activation_offloading);
-        let c = toml_cfg(&minimal_plus("training", "enable_activation_offloading = true")).unwrap();
-        assert!(c.training.enable_activation_offloading && c.training.gradient_checkpointing);
-        assert!(toml_cfg(&c.to_toml_string().unwrap()).unwrap().training.enable_activation_offloading);
+        assert!(!toml_cfg(&minimal_plus("training", "")).unwrap().training.activation_offloading);
+        let c = toml_cfg(&minimal_plus("training", "activation_offloading = true")).unwrap();
+        assert!(c.training.activation_offloading && c.training.gradient_checkpointing);
+        assert!(toml_cfg(&c.to_toml_string().unwrap()).unwrap().training.activation_offloading);
         let e = err_of(toml_cfg(&minimal_plus(
             "training",
-            "enable_activation_offloading = true\ngradient_checkpointing = false",
+            "activation_offloading = true\ngradient_checkpointing = false",
         )));
-        assert!(e.contains("`training.enable_activation_offloading`") && e.contains("gradient_checkpointing"), "{e}");
+        assert!(e.contains("`training.activation_offloading`") && e.contains("gradient_checkpointing"), "{e}");
     }
 
     #[test]
@@ -3164,9 +3164,11 @@ training:
         // configs use. logging_dir: 5.x reads the TensorBoard dir from an environment
         // variable instead.
         let hf4_only = ["warmup_ratio", "logging_dir"];
+        // TRL's SFTConfig, the TrainingArguments subclass most distillation scripts use.
+        let trl_only = ["activation_offloading"];
         for k in section_keys("training").unwrap() {
             assert!(
-                ta.contains_key(*k) || hf4_only.contains(k),
+                ta.contains_key(*k) || hf4_only.contains(k) || trl_only.contains(k),
                 "training.{k} is not a TrainingArguments field"
             );
         }

@@ -223,7 +223,7 @@ pub fn prepare_embedded(cfg: &TrainConfig) -> anyhow::Result<(Prepared, Tokenize
         use_rslora: cfg.lora.use_rslora,
         target_modules: cfg.lora.target_modules.names(),
     };
-    student.model.set_activation_offloading(cfg.training.enable_activation_offloading && cfg.training.gradient_checkpointing)?;
+    student.model.set_activation_offloading(cfg.training.activation_offloading && cfg.training.gradient_checkpointing)?;
     let modules = student.model.attach_lora(&spec)?;
     let mut params = LoraParams::init(&spec, &modules, cfg.seed);
     if let Some(dir) = &cfg.model.adapter_name_or_path {

@@ -267,7 +267,7 @@ impl Model {
 
     /// With gradient checkpointing, keep each block's input in pinned host memory between
     /// the forward and the backward instead of on the GPU (what Unsloth calls "unsloth"
-    /// checkpointing, torchtune `enable_activation_offloading`): at Llama-3-8B and 4×2048
+    /// checkpointing, TRL's `activation_offloading`): at Llama-3-8B and 4×2048
     /// tokens, 2 GiB less device memory, the copies overlapped with compute. On the CPU
     /// there is no separate device memory, so it changes nothing there.
     ///
