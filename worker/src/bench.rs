@@ -1095,13 +1095,7 @@ fn check_host_gather(device: &Device) -> anyhow::Result<(bool, String)> {
             let ids: Vec<u32> = (0..4099u32).map(|i| (i.wrapping_mul(2_654_435_761).wrapping_add(seed) >> 7) % 5003).collect();
             let got = off.gather_rows(&table, &ids)?;
             let want = on_device.index_select(&Tensor::from_vec(ids.clone(), ids.len(), device)?, 0)?;
-            all_same &= got.dims() == want.dims()
-                && got.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?.iter().map(|x| x.to_bits()).eq(want
-                    .to_dtype(DType::F32)?
-                    .flatten_all()?
-                    .to_vec1::<f32>()?
-                    .iter()
-                    .map(|x| x.to_bits()));
+            all_same &= crate::selftest_fused::same_bits(&got, &want)?;
         }
     }
     Ok((all_same, format!("4099 ids into a [5003, 136] table, bf16 and f32, staging reused: identical {all_same}")))

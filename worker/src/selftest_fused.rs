@@ -239,7 +239,7 @@ fn glu_case(device: &Device, dims: &[usize], act: Activation, dtype: DType, offs
 }
 
 /// Bit-equality of two tensors (small ones: compared on the host).
-fn same_bits(a: &Tensor, b: &Tensor) -> anyhow::Result<bool> {
+pub(crate) fn same_bits(a: &Tensor, b: &Tensor) -> anyhow::Result<bool> {
     let bits = |t: &Tensor| -> anyhow::Result<Vec<u32>> {
         Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?.into_iter().map(f32::to_bits).collect())
     };
