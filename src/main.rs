@@ -241,7 +241,8 @@ enum Command {
         /// Comma-separated: 8b, 1b, tiny.
         #[arg(long, default_value = "8b,1b")]
         shapes: String,
-        /// Comma-separated subset of: lora, qlora, teacher, kernels.
+        /// Comma-separated subset of: lora, qlora, teacher, kernels, or the start of a case's
+        /// label as the table prints it ("lora bf16 8b 2x2048 nogc", "nf4 dequant").
         #[arg(long)]
         only: Option<String>,
         #[arg(long, default_value_t = 3)]
@@ -589,7 +590,10 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
                         bench::BenchCase::Teacher { .. } => "teacher",
                         _ => "kernels",
                     };
-                    keep.contains(&kind)
+                    // A kind, or the start of a case's label ("lora bf16 8b 2x2048 nogc",
+                    // "nf4 dequant"): one case alone, e.g. under a profiler.
+                    let label = c.label();
+                    keep.iter().any(|k| *k == kind || label.starts_with(k))
                 });
             }
             println!("\n{}", bench::run_bench(&spec)?.table());

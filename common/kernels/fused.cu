@@ -86,10 +86,15 @@ __device__ __forceinline__ void rms_norm_fwd(const T* __restrict__ x, const T* _
 
 // dx = rstd * (g - x̂ * mean(g * x̂)) with g = dy * w_eff and x̂ = x * rstd; the mean is
 // rstd * sum(dy * w_eff * x) / d, so the first pass needs only dy, x and w.
-template <typename T, int VEC>
+//
+// With RES the kernel also adds the residual stream's gradient `res` (the gradient that
+// skips the norm's branch): dx = res + the above, rounded once, instead of a separate add
+// kernel reading both and writing the sum again.
+template <typename T, int VEC, bool RES>
 __device__ __forceinline__ void rms_norm_bwd(const T* __restrict__ dy, const T* __restrict__ x,
                                              const T* __restrict__ w,
                                              const float* __restrict__ rstd,
+                                             const T* __restrict__ res,
                                              T* __restrict__ dx, int d, float w_offset) {
   const int64_t row = blockIdx.x;
   const T* dyr = dy + row * d;
@@ -115,6 +120,12 @@ __device__ __forceinline__ void rms_norm_bwd(const T* __restrict__ dy, const T* 
     load_f32<T, VEC>(w + c * VEC, wv);
 #pragma unroll
     for (int k = 0; k < VEC; k++) out[k] = r * (g[k] * (wv[k] + w_offset) - v[k] * coef);
+    if (RES) {
+      float rv[VEC];
+      load_f32<T, VEC>(res + row * d + c * VEC, rv);
+#pragma unroll
+      for (int k = 0; k < VEC; k++) out[k] += rv[k];
+    }
     store_f32<T, VEC>(dxr + c * VEC, out);
   }
 }
@@ -128,7 +139,13 @@ __device__ __forceinline__ void rms_norm_bwd(const T* __restrict__ dy, const T* 
   extern "C" __global__ void fused_rms_norm_bwd_##SUFFIX(                                   \
       const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ w,           \
       const float* __restrict__ rstd, T* __restrict__ dx, int d, float w_offset) {          \
-    rms_norm_bwd<T, VEC>(dy, x, w, rstd, dx, d, w_offset);                                  \
+    rms_norm_bwd<T, VEC, false>(dy, x, w, rstd, nullptr, dx, d, w_offset);                  \
+  }                                                                                         \
+  extern "C" __global__ void fused_rms_norm_bwd_res_##SUFFIX(                               \
+      const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ w,           \
+      const float* __restrict__ rstd, const T* __restrict__ res, T* __restrict__ dx, int d, \
+      float w_offset) {                                                                     \
+    rms_norm_bwd<T, VEC, true>(dy, x, w, rstd, res, dx, d, w_offset);                       \
   }
 
 // ---------------------------------------------------------------------------------------
@@ -189,6 +206,65 @@ __device__ __forceinline__ void rope(const T* __restrict__ x, T* __restrict__ y,
       int64_t in_st, int64_t out_sb, int64_t out_sh, int64_t out_st, float sign) {          \
     rope<T, VEC>(x, y, pos, cos_table, sin_table, rows, H, T_len, half, in_sb, in_sh,      \
                  in_st, out_sb, out_sh, out_st, sign);                                      \
+  }
+
+// ---------------------------------------------------------------------------------------
+// The head transpose alone, [B, T, H, D] <-> [B, H, T, D] (v before attention, attention's
+// output after it, and their gradients): rows enumerated and addressed as in `rope`, each
+// row's d elements copied with VEC-wide accesses. candle's generic strided copy moves these
+// at a seventh of the bandwidth (it indexes every element through the shape and strides).
+// ---------------------------------------------------------------------------------------
+
+template <typename T, int VEC>
+__device__ __forceinline__ void head_copy(const T* __restrict__ x, T* __restrict__ y,
+                                          int64_t rows, int H, int T_len, int d,
+                                          int64_t in_sb, int64_t in_sh, int64_t in_st,
+                                          int64_t out_sb, int64_t out_sh, int64_t out_st) {
+  const int per_row = d / VEC;
+  const int64_t total = rows * per_row;
+  const int64_t stride = (int64_t)blockDim.x * gridDim.x;
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += stride) {
+    const int64_t row = i / per_row;
+    const int c = (int)(i - row * per_row) * VEC;
+    const int64_t bt = row / H;
+    const int h = (int)(row - bt * H);
+    const int64_t b = bt / T_len;
+    const int64_t t = bt - b * T_len;
+    float v[VEC];
+    load_f32<T, VEC>(x + b * in_sb + h * in_sh + t * in_st + c, v);
+    store_f32<T, VEC>(y + b * out_sb + h * out_sh + t * out_st + c, v);
+  }
+}
+
+#define HEAD_COPY_KERNEL(SUFFIX, T, VEC)                                                    \
+  extern "C" __global__ void fused_head_copy_##SUFFIX(                                      \
+      const T* __restrict__ x, T* __restrict__ y, int64_t rows, int H, int T_len, int d,    \
+      int64_t in_sb, int64_t in_sh, int64_t in_st, int64_t out_sb, int64_t out_sh,          \
+      int64_t out_st) {                                                                     \
+    head_copy<T, VEC>(x, y, rows, H, T_len, d, in_sb, in_sh, in_st, out_sb, out_sh, out_st); \
+  }
+
+// The residual stream's adds, out = a + b (f32 sum rounded once, as candle's add), with
+// VEC-wide accesses: candle's add kernel moves one element per thread.
+template <typename T, int VEC>
+__device__ __forceinline__ void add(const T* __restrict__ a, const T* __restrict__ b,
+                                    T* __restrict__ out, int64_t n_vec) {
+  const int64_t stride = (int64_t)blockDim.x * gridDim.x;
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n_vec; i += stride) {
+    float x[VEC], y[VEC];
+    load_f32<T, VEC>(a + i * VEC, x);
+    load_f32<T, VEC>(b + i * VEC, y);
+#pragma unroll
+    for (int k = 0; k < VEC; k++) x[k] += y[k];
+    store_f32<T, VEC>(out + i * VEC, x);
+  }
+}
+
+#define ADD_KERNEL(SUFFIX, T, VEC)                                                          \
+  extern "C" __global__ void fused_add_##SUFFIX(const T* __restrict__ a,                    \
+                                                const T* __restrict__ b,                    \
+                                                T* __restrict__ out, int64_t n_vec) {       \
+    add<T, VEC>(a, b, out, n_vec);                                                          \
   }
 
 // ---------------------------------------------------------------------------------------
@@ -295,6 +371,8 @@ __device__ __forceinline__ void glu_bwd(const T* __restrict__ dm, const T* gate,
 #define ALL_KERNELS(SUFFIX, T, VEC)                      \
   RMS_NORM_KERNELS(SUFFIX, T, VEC)                       \
   ROPE_KERNEL(SUFFIX, T, VEC)                            \
+  HEAD_COPY_KERNEL(SUFFIX, T, VEC)                       \
+  ADD_KERNEL(SUFFIX, T, VEC)                             \
   GLU_KERNELS(silu, Silu, SUFFIX, T, VEC)                \
   GLU_KERNELS(gelu_tanh, GeluTanh, SUFFIX, T, VEC)       \
   GLU_KERNELS(gelu_erf, GeluErf, SUFFIX, T, VEC)

@@ -242,7 +242,6 @@ NF4_KERNEL(nf4_dequant_f32_f32absmax, float, false, 2, 1, false)
 // (`nf4_dequant_bf16_dq_u{UNITS}v{VEC}[cs]`; cs = streaming stores). 16-byte loads (VEC 4)
 // measured 1.7x slower: each lane then writes 64 contiguous bytes, so a warp's store
 // instruction touches 32 separate 16-byte pieces instead of one 512-byte run.
-NF4_KERNEL(nf4_dequant_bf16_dq_u1v1, __nv_bfloat16, true, 1, 1, false)
 NF4_KERNEL(nf4_dequant_bf16_dq_u2v1cs, __nv_bfloat16, true, 2, 1, true)
 NF4_KERNEL(nf4_dequant_bf16_dq_u4v1, __nv_bfloat16, true, 4, 1, false)
 NF4_KERNEL(nf4_dequant_bf16_dq_u4v1cs, __nv_bfloat16, true, 4, 1, true)

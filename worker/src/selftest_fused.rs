@@ -154,10 +154,17 @@ fn rms_norm_case(device: &Device, dims: &[usize], dtype: DType, unit_offset: boo
             Out { name: "y", got: &y, want: &y_ref, candle_low: low.as_ref().map(|l| &l.0), tol: tol(dtype) },
             Out { name: "rstd", got: &rstd, want: &saved_ref.rstd, candle_low: None, tol: F32_TOL },
         ])?;
-        let dx = fused::rms_norm_bwd(&dy, &x, &w, &rstd, unit_offset)?;
+        let dx = fused::rms_norm_bwd(&dy, &x, &w, &rstd, unit_offset, None)?;
         let dx_ref = rms_norm_bwd_reference(&dy32, &w32, unit_offset, &saved_ref)?;
         let dx_low = low.as_ref().map(|(_, s)| rms_norm_bwd_reference(&dy, &w, unit_offset, s)).transpose()?;
-        let bwd = judge(&[Out { name: "dx", got: &dx, want: &dx_ref, candle_low: dx_low.as_ref(), tol: tol(dtype) }])?;
+        // The residual-adding variant: res + dx, the sum formed in the kernel.
+        let (res, res32) = input(dims, 0.0, 1.0, dtype, 0, device)?;
+        let dx_res = fused::rms_norm_bwd(&dy, &x, &w, &rstd, unit_offset, Some(&res))?;
+        let dx_res_ref = (&res32 + &dx_ref)?;
+        let bwd = judge(&[
+            Out { name: "dx", got: &dx, want: &dx_ref, candle_low: dx_low.as_ref(), tol: tol(dtype) },
+            Out { name: "res + dx", got: &dx_res, want: &dx_res_ref, candle_low: None, tol: tol(dtype) },
+        ])?;
         Ok([fwd, bwd])
     };
     fwd_bwd(names, run())
@@ -236,6 +243,28 @@ fn glu_case(device: &Device, dims: &[usize], act: Activation, dtype: DType, offs
         Ok([fwd, bwd])
     };
     fwd_bwd(names, run())
+}
+
+/// The head transposes and the residual add: pure data movement and one rounding, so
+/// they must give candle's `transpose(1, 2).contiguous()` and `a + b` bit for bit.
+fn layout_case(device: &Device, (b, h, t, d): (usize, usize, usize, usize), dtype: DType, offset: usize) -> FusedCheck {
+    let name = format!("fused head transposes + residual add {} [{b}, {h}, {t}, {d}] offset={offset} vs candle, bit for bit", dt_name(dtype));
+    let run = || -> anyhow::Result<(bool, String)> {
+        let (x, _) = input(&[b, t, h, d], 0.0, 1.0, dtype, offset, device)?;
+        let (y, _) = input(&[b, h, t, d], 0.0, 1.0, dtype, offset, device)?;
+        let (z, _) = input(&[b, h, t, d], 0.0, 1.0, dtype, 0, device)?;
+        let to_bhtd = fused::transpose_heads(&x, HeadLayout::Bthd)?;
+        let to_bthd = fused::transpose_heads(&y, HeadLayout::Bhtd)?;
+        let sum = fused::add(&y, &z)?;
+        let checks = [
+            ("[B,T,H,D] -> [B,H,T,D]", same_bits(&to_bhtd, &x.transpose(1, 2)?.contiguous()?)?),
+            ("[B,H,T,D] -> [B,T,H,D]", same_bits(&to_bthd, &y.transpose(1, 2)?.contiguous()?)?),
+            ("add", same_bits(&sum, &(&y + &z)?)?),
+        ];
+        let bad: Vec<&str> = checks.iter().filter(|c| !c.1).map(|c| c.0).collect();
+        Ok((bad.is_empty(), if bad.is_empty() { "identical".into() } else { format!("differ: {}", bad.join(", ")) }))
+    };
+    (name, run())
 }
 
 /// Bit-equality of two tensors (small ones: compared on the host).
@@ -328,6 +357,12 @@ pub fn fused_checks(device: &Device) -> Vec<FusedCheck> {
     rows.extend(glu_case(device, &[3, 1000], Activation::Silu, f32, 0));
     rows.extend(glu_case(device, &[7, 80], Activation::GeluTanh, f32, 0));
     rows.extend(glu_case(device, &[7, 81], Activation::Gelu, f32, 1));
+    // Head transposes and residual add: Llama-8B q (32 heads) and k/v (8 heads); head_dim
+    // 6 at an odd offset (scalar path); f32.
+    rows.push(layout_case(device, (2, 32, 2048, 128), bf16, 0));
+    rows.push(layout_case(device, (2, 8, 2048, 128), bf16, 0));
+    rows.push(layout_case(device, (2, 3, 5, 6), bf16, 1));
+    rows.push(layout_case(device, (2, 4, 33, 80), f32, 2));
     rows.push(("fused kernels: ops dispatch on CUDA".into(), dispatch_check(device)));
     rows
 }
@@ -377,7 +412,7 @@ pub fn fused_bench(device: &Device) -> anyhow::Result<String> {
             "rms_norm bwd",
             format!("[{b}, {t}, {d}]"),
             3.0 * act_bytes,
-            Box::new(|| fused::rms_norm_bwd(&dy, &x, &w, &rstd, false).map(drop)),
+            Box::new(|| fused::rms_norm_bwd(&dy, &x, &w, &rstd, false, None).map(drop)),
             Box::new(|| rms_norm_bwd_reference(&dy, &w, false, &saved).map(drop)),
         ),
         (
@@ -412,6 +447,20 @@ pub fn fused_bench(device: &Device) -> anyhow::Result<String> {
             2.0 * q_bytes,
             Box::new(|| fused::rope(&q_bthd, &table, &pos, Bthd, Bhtd, false).map(drop)),
             Box::new(|| rope_fwd_reference(&q_bthd.transpose(1, 2)?.contiguous()?, &table, &pos).map(drop)),
+        ),
+        (
+            "head transpose q [B,T,H,D] -> [B,H,T,D]",
+            format!("[{b}, {t}, {hq}, {hd}]"),
+            2.0 * q_bytes,
+            Box::new(|| fused::transpose_heads(&q_bthd, Bthd).map(drop)),
+            Box::new(|| q_bthd.transpose(1, 2)?.contiguous().map(drop).map_err(Into::into)),
+        ),
+        (
+            "residual add",
+            format!("[{b}, {t}, {d}]"),
+            3.0 * act_bytes,
+            Box::new(|| fused::add(&x, &dy).map(drop)),
+            Box::new(|| (&x + &dy).map(drop).map_err(Into::into)),
         ),
         (
             "swiglu fwd",

@@ -209,19 +209,25 @@ fn rms_norm_fwd_t<T: Elem>(x: &Tensor, weight: &Tensor, eps: f64, unit_offset: b
 
 /// RMSNorm backward: dX from `dy`, the forward's input `x`, the frozen `weight` and the
 /// forward's `rstd` (`[..., 1]`, any float dtype; f32 is what [`rms_norm_fwd`] returns).
-pub fn rms_norm_bwd(dy: &Tensor, x: &Tensor, weight: &Tensor, rstd: &Tensor, unit_offset: bool) -> Result<Tensor> {
+/// With `residual` (x's shape) the result is `residual + dX`, summed in the kernel: the
+/// residual stream's gradient joins the norm branch's without a separate add.
+pub fn rms_norm_bwd(dy: &Tensor, x: &Tensor, weight: &Tensor, rstd: &Tensor, unit_offset: bool, residual: Option<&Tensor>) -> Result<Tensor> {
     match x.dtype() {
-        DType::BF16 => rms_norm_bwd_t::<bf16>(dy, x, weight, rstd, unit_offset),
-        DType::F32 => rms_norm_bwd_t::<f32>(dy, x, weight, rstd, unit_offset),
+        DType::BF16 => rms_norm_bwd_t::<bf16>(dy, x, weight, rstd, unit_offset, residual),
+        DType::F32 => rms_norm_bwd_t::<f32>(dy, x, weight, rstd, unit_offset, residual),
         dt => Err(unsupported("fused rms_norm_bwd", dt)),
     }
 }
 
-fn rms_norm_bwd_t<T: Elem>(dy: &Tensor, x: &Tensor, weight: &Tensor, rstd: &Tensor, unit_offset: bool) -> Result<Tensor> {
+fn rms_norm_bwd_t<T: Elem>(dy: &Tensor, x: &Tensor, weight: &Tensor, rstd: &Tensor, unit_offset: bool, residual: Option<&Tensor>) -> Result<Tensor> {
     let op = "fused rms_norm_bwd";
     let d = x.dim(D::Minus1)?;
     check_operand(op, "norm weight", weight, x, &[d])?;
     check_operand(op, "dy", dy, x, x.dims())?;
+    if let Some(r) = residual {
+        check_operand(op, "residual", r, x, x.dims())?;
+    }
+    let residual = residual.map(|r| r.contiguous()).transpose()?;
     let mut rstd_dims = x.dims().to_vec();
     if let Some(last) = rstd_dims.last_mut() {
         *last = 1;
@@ -232,7 +238,8 @@ fn rms_norm_bwd_t<T: Elem>(dy: &Tensor, x: &Tensor, weight: &Tensor, rstd: &Tens
     let (dy, x, w) = (dy.contiguous()?, x.contiguous()?, weight.contiguous()?);
     let rstd = rstd.to_dtype(DType::F32)?.contiguous()?;
     let dev = cuda_device(x.device())?;
-    let vec = pick_vec::<T>(&[d, dy.layout().start_offset(), x.layout().start_offset(), w.layout().start_offset()]);
+    let res_offset = residual.as_ref().map_or(0, |r| r.layout().start_offset());
+    let vec = pick_vec::<T>(&[d, dy.layout().start_offset(), x.layout().start_offset(), w.layout().start_offset(), res_offset]);
     let (rows, d_i32, cfg) = row_launch(op, &x, vec)?;
     let mut dx = alloc_out::<T>(dev, rows * d)?;
     {
@@ -244,11 +251,22 @@ fn rms_norm_bwd_t<T: Elem>(dy: &Tensor, x: &Tensor, weight: &Tensor, rstd: &Tens
         let xv = view::<T>(&xs, xl, op, "x")?;
         let wv = view::<T>(&ws, wl, op, "weight")?;
         let rv = view::<f32>(&rs, rl, op, "rstd")?;
-        let func = dev.get_or_load_custom_func(&format!("fused_rms_norm_bwd_{}_v{vec}", T::NAME), FUSED_MODULE, FUSED_PTX)?;
+        let res = residual.as_ref().map(|r| r.storage_and_layout());
+        let resv = match &res {
+            Some((st, l)) => Some(view::<T>(st, l, op, "residual")?),
+            None => None,
+        };
+        let kind = if resv.is_some() { "bwd_res" } else { "bwd" };
+        let func = dev.get_or_load_custom_func(&format!("fused_rms_norm_{kind}_{}_v{vec}", T::NAME), FUSED_MODULE, FUSED_PTX)?;
         let w_offset = if unit_offset { 1f32 } else { 0f32 };
         let mut b = func.builder();
-        b.arg(&dyv).arg(&xv).arg(&wv).arg(&rv).arg(&mut dx).arg(&d_i32).arg(&w_offset);
-        // SAFETY: as in rms_norm_fwd_t; dy and dx hold rows * d elements, rstd holds rows.
+        b.arg(&dyv).arg(&xv).arg(&wv).arg(&rv);
+        if let Some(r) = &resv {
+            b.arg(r);
+        }
+        b.arg(&mut dx).arg(&d_i32).arg(&w_offset);
+        // SAFETY: as in rms_norm_fwd_t; dy, residual and dx hold rows * d elements, rstd
+        // holds rows; the kernel named takes the residual argument exactly when one is passed.
         unsafe { b.launch(cfg) }.w()?;
     }
     Ok(into_tensor(dx, dev, x.shape().clone()))
@@ -365,6 +383,89 @@ fn rope_t<T: Elem>(x: &Tensor, table: &RopeTable, position_ids: &Tensor, from: H
         unsafe { bld.launch(cfg) }.w()?;
     }
     Ok(into_tensor(y, dev, to.dims(b, h, t, d).to_vec()))
+}
+
+/// `x` laid out as `from` (`[B, H, T, D]` or `[B, T, H, D]`, 4 dims) copied into the other
+/// layout: the head transpose around attention, at copy bandwidth.
+pub fn transpose_heads(x: &Tensor, from: HeadLayout) -> Result<Tensor> {
+    match x.dtype() {
+        DType::BF16 => transpose_heads_t::<bf16>(x, from),
+        DType::F32 => transpose_heads_t::<f32>(x, from),
+        dt => Err(unsupported("fused transpose_heads", dt)),
+    }
+}
+
+fn transpose_heads_t<T: Elem>(x: &Tensor, from: HeadLayout) -> Result<Tensor> {
+    let op = "fused transpose_heads";
+    let (b, h, t, d) = match (from, x.dims()) {
+        (HeadLayout::Bhtd, &[b, h, t, d]) | (HeadLayout::Bthd, &[b, t, h, d]) => (b, h, t, d),
+        (_, dims) => return Err(Error::Msg(format!("{op}: input has shape {dims:?}, expected 4 dims laid out as {from:?}"))),
+    };
+    if x.elem_count() == 0 {
+        return Err(Error::Msg(format!("{op}: input of shape {:?} is empty", x.dims())));
+    }
+    let to = match from {
+        HeadLayout::Bhtd => HeadLayout::Bthd,
+        HeadLayout::Bthd => HeadLayout::Bhtd,
+    };
+    let x = x.contiguous()?;
+    let dev = cuda_device(x.device())?;
+    let vec = pick_vec::<T>(&[d, x.layout().start_offset()]);
+    let rows = (b * h * t) as i64;
+    let [in_sb, in_sh, in_st] = from.strides(h, t, d);
+    let [out_sb, out_sh, out_st] = to.strides(h, t, d);
+    let (h_i32, t_i32, d_i32) = (to_i32(op, "heads", h)?, to_i32(op, "tokens", t)?, to_i32(op, "head_dim", d)?);
+    let mut y = alloc_out::<T>(dev, x.elem_count())?;
+    {
+        let (xs, xl) = x.storage_and_layout();
+        let xv = view::<T>(&xs, xl, op, "x")?;
+        let func = dev.get_or_load_custom_func(&format!("fused_head_copy_{}_v{vec}", T::NAME), FUSED_MODULE, FUSED_PTX)?;
+        let mut bld = func.builder();
+        bld.arg(&xv).arg(&mut y).arg(&rows).arg(&h_i32).arg(&t_i32).arg(&d_i32);
+        bld.arg(&in_sb).arg(&in_sh).arg(&in_st).arg(&out_sb).arg(&out_sh).arg(&out_st);
+        // SAFETY: arguments match fused_head_copy_* in fused.cu; x and y hold b·h·t·d
+        // elements, which the strides of both layouts address exactly; d and x's start
+        // offset are multiples of vec.
+        unsafe { bld.launch(grid_stride_cfg(b * h * t * (d / vec))) }.w()?;
+    }
+    Ok(into_tensor(y, dev, to.dims(b, h, t, d).to_vec()))
+}
+
+/// `a + b` (one shape and dtype) with vector accesses; the sum is formed in f32 and
+/// rounded once, which for bf16 and f32 operands is candle's result bit for bit.
+pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    match a.dtype() {
+        DType::BF16 => add_t::<bf16>(a, b),
+        DType::F32 => add_t::<f32>(a, b),
+        dt => Err(unsupported("fused add", dt)),
+    }
+}
+
+fn add_t<T: Elem>(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let op = "fused add";
+    check_operand(op, "b", b, a, a.dims())?;
+    let n = a.elem_count();
+    if n == 0 {
+        return Err(Error::Msg(format!("{op}: input of shape {:?} is empty", a.dims())));
+    }
+    let (a, b) = (a.contiguous()?, b.contiguous()?);
+    let dev = cuda_device(a.device())?;
+    let vec = pick_vec::<T>(&[n, a.layout().start_offset(), b.layout().start_offset()]);
+    let n_vec = (n / vec) as i64;
+    let mut out = alloc_out::<T>(dev, n)?;
+    {
+        let (as_, al) = a.storage_and_layout();
+        let (bs, bl) = b.storage_and_layout();
+        let av = view::<T>(&as_, al, op, "a")?;
+        let bv = view::<T>(&bs, bl, op, "b")?;
+        let func = dev.get_or_load_custom_func(&format!("fused_add_{}_v{vec}", T::NAME), FUSED_MODULE, FUSED_PTX)?;
+        let mut bld = func.builder();
+        bld.arg(&av).arg(&bv).arg(&mut out).arg(&n_vec);
+        // SAFETY: arguments match fused_add_* in fused.cu; all three buffers hold
+        // n = n_vec · vec elements and start at offsets that are multiples of vec.
+        unsafe { bld.launch(grid_stride_cfg(n / vec)) }.w()?;
+    }
+    Ok(into_tensor(out, dev, a.shape().clone()))
 }
 
 // ---------------------------------------------------------------------------------------

@@ -16,29 +16,42 @@ const NF4_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/nf4.ptx"));
 const NF4_MODULE: &str = "qdistill_nf4";
 
 /// A launch shape of the NF4 kernel: `units` units of `8 * vec` elements per thread and
-/// iteration (the template arguments of the named kernel in nf4.cu) and `threads` per block.
+/// iteration (the template arguments of the named kernel in nf4.cu), `threads` per block,
+/// and the grid: `waves == 0` gives one block per `threads * units` units (each block runs
+/// its loop once), `waves == k` caps the grid at k times the blocks the GPU holds at once,
+/// so each block loops over the weight with a grid stride and its prologue (the 256-entry
+/// double-quant code table into shared memory, a barrier) is paid once per resident block
+/// instead of once per 4,096 elements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Nf4Launch {
     pub kernel_suffix: &'static str,
     pub units: usize,
     pub vec: usize,
     pub threads: u32,
+    pub waves: u32,
 }
 
 /// What [`CudaNf4::dequantize_into`] launches (the kernels without suffix: UNITS 2, VEC 1).
-pub const NF4_DEFAULT_LAUNCH: Nf4Launch = Nf4Launch { kernel_suffix: "", units: 2, vec: 1, threads: 256 };
+pub const NF4_DEFAULT_LAUNCH: Nf4Launch = Nf4Launch { kernel_suffix: "", units: 2, vec: 1, threads: 256, waves: 0 };
+
+const fn shape(kernel_suffix: &'static str, units: usize, threads: u32, waves: u32) -> Nf4Launch {
+    Nf4Launch { kernel_suffix, units, vec: 1, threads, waves }
+}
 
 /// Launch shapes of the bf16 double-quant kernel that the benchmark times side by side.
-pub const NF4_BF16_DQ_VARIANTS: [Nf4Launch; 9] = [
+pub const NF4_BF16_DQ_VARIANTS: [Nf4Launch; 12] = [
     NF4_DEFAULT_LAUNCH,
-    Nf4Launch { kernel_suffix: "", units: 2, vec: 1, threads: 512 },
-    Nf4Launch { kernel_suffix: "_u2v1cs", units: 2, vec: 1, threads: 256 },
-    Nf4Launch { kernel_suffix: "_u1v1", units: 1, vec: 1, threads: 256 },
-    Nf4Launch { kernel_suffix: "_u4v1", units: 4, vec: 1, threads: 256 },
-    Nf4Launch { kernel_suffix: "_u4v1", units: 4, vec: 1, threads: 512 },
-    Nf4Launch { kernel_suffix: "_u4v1cs", units: 4, vec: 1, threads: 256 },
-    Nf4Launch { kernel_suffix: "_u8v1", units: 8, vec: 1, threads: 256 },
-    Nf4Launch { kernel_suffix: "_u2v2", units: 2, vec: 2, threads: 256 },
+    shape("", 2, 512, 0),
+    shape("_u2v1cs", 2, 256, 0),
+    shape("_u4v1", 4, 256, 0),
+    shape("_u4v1cs", 4, 256, 0),
+    shape("_u8v1", 8, 256, 0),
+    Nf4Launch { kernel_suffix: "_u2v2", units: 2, vec: 2, threads: 256, waves: 0 },
+    shape("", 2, 256, 1),
+    shape("", 2, 256, 2),
+    shape("", 2, 256, 4),
+    shape("_u4v1", 4, 256, 1),
+    shape("_u4v1cs", 4, 512, 2),
 ];
 
 enum DeviceAbsmax {
@@ -169,7 +182,14 @@ impl CudaNf4 {
         let func = self.device.get_or_load_custom_func(&name, NF4_MODULE, NF4_PTX)?;
         let n_units = n / (8 * launch.vec);
         let per_block = launch.threads as usize * launch.units;
-        let grid = n_units.div_ceil(per_block).max(1);
+        let mut grid = n_units.div_ceil(per_block).max(1);
+        if launch.waves > 0 {
+            let sms = self.device.cuda_stream().context().attribute(
+                candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            ).w()? as usize;
+            let resident = sms * (2048 / launch.threads as usize).max(1);
+            grid = grid.min(resident * launch.waves as usize);
+        }
         let grid = u32::try_from(grid).map_err(|_| Error::Msg(format!("NF4 on CUDA: {n} elements is too many for one launch")))?;
         let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (launch.threads, 1, 1), shared_mem_bytes: 0 };
         let n_i64 = n as i64;

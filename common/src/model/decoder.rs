@@ -16,11 +16,12 @@ use candle_core::{DType, Device, Tensor, D};
 use super::{Family, ModelConfig};
 use crate::lora::{BaseWeight, DropoutSeed, Linear, LinearSaved, LoraGrads, LoraParams, LoraSpec, LoraTensors};
 use crate::nf4::Nf4Tensor;
-use crate::ops::attention::{attention_bwd, attention_fwd, AttnConfig, AttnSaved};
+use crate::ops::attention::{attention_bwd, attention_fwd, heads_to_bhtd, heads_to_bthd, AttnConfig, AttnSaved};
 use crate::ops::activation::{glu_bwd_in_place, glu_fwd, Activation};
 use crate::ops::embedding::embedding_fwd;
-use crate::ops::rms_norm::{rms_norm_bwd, rms_norm_fwd, RmsNormSaved};
-use crate::ops::rope::{rope_bwd, rope_fwd, RopeTable};
+use crate::ops::residual_add;
+use crate::ops::rms_norm::{rms_norm_bwd, rms_norm_bwd_add, rms_norm_fwd, RmsNormSaved};
+use crate::ops::rope::{rope_bwd_to_bthd, rope_fwd_from_bthd, RopeTable};
 use crate::generate::KvCache;
 use crate::weights::WeightStore;
 use crate::{Error, Result};
@@ -522,19 +523,18 @@ impl Block {
         let n = b * t;
         let (hq, hkv, hd) = (self.attn.n_heads, self.attn.n_kv_heads, self.attn.head_dim);
         let run = |k: usize, inp: &Tensor| -> Result<Tensor> { Ok(self.linears[k].forward(inp, ctx.lora, None, false)?.0) };
-        let heads = |y: Tensor, h: usize| -> Result<Tensor> { Ok(y.reshape((b, t, h, hd))?.transpose(1, 2)?.contiguous()?) };
         let (h1, _) = rms_norm_fwd(x, &self.attn_norm, eps, unit_offset)?;
         let h1 = h1.reshape((n, d))?;
-        let q = rope_fwd(&heads(run(0, &h1)?, hq)?, rope, ctx.position_ids)?;
-        let k = rope_fwd(&heads(run(1, &h1)?, hkv)?, rope, ctx.position_ids)?;
-        let v = heads(run(2, &h1)?, hkv)?;
+        let q = rope_fwd_from_bthd(&run(0, &h1)?.reshape((b, t, hq, hd))?, rope, ctx.position_ids)?;
+        let k = rope_fwd_from_bthd(&run(1, &h1)?.reshape((b, t, hkv, hd))?, rope, ctx.position_ids)?;
+        let v = heads_to_bhtd(&run(2, &h1)?.reshape((b, t, hkv, hd))?)?;
         let o = cache.attend(layer, &q, &k, &v, &self.attn)?;
-        let o = o.transpose(1, 2)?.contiguous()?.reshape((n, hq * hd))?;
+        let o = heads_to_bthd(&o)?.reshape((n, hq * hd))?;
         let mut a = run(3, &o)?.reshape((b, t, d))?;
         if let Some(w) = &self.attn_post_norm {
             a = rms_norm_fwd(&a, w, eps, unit_offset)?.0;
         }
-        let x1 = (x + a)?;
+        let x1 = residual_add(x, &a)?;
         let (h2, _) = rms_norm_fwd(&x1, &self.ffn_norm, eps, unit_offset)?;
         let h2 = h2.reshape((n, d))?;
         let m = glu_fwd(&run(4, &h2)?, &run(5, &h2)?, self.act)?;
@@ -542,7 +542,7 @@ impl Block {
         if let Some(w) = &self.ffn_post_norm {
             dn = rms_norm_fwd(&dn, w, eps, unit_offset)?.0;
         }
-        Ok((x1 + dn)?)
+        residual_add(&x1, &dn)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -567,14 +567,13 @@ impl Block {
             lin.push(s);
             Ok(y)
         };
-        let heads = |y: Tensor, h: usize| -> Result<Tensor> { Ok(y.reshape((b, t, h, hd))?.transpose(1, 2)?.contiguous()?) };
-        let q = heads(run(0, &h1, &mut lin)?, hq)?;
-        let k = heads(run(1, &h1, &mut lin)?, hkv)?;
-        let v = heads(run(2, &h1, &mut lin)?, hkv)?;
-        let q = rope_fwd(&q, rope, ctx.position_ids)?;
-        let k = rope_fwd(&k, rope, ctx.position_ids)?;
+        // q and k go from the linears' [B, T, H, D] to attention's [B, H, T, D] inside the
+        // RoPE kernel; v and the attention output through one vectorised copy each.
+        let q = rope_fwd_from_bthd(&run(0, &h1, &mut lin)?.reshape((b, t, hq, hd))?, rope, ctx.position_ids)?;
+        let k = rope_fwd_from_bthd(&run(1, &h1, &mut lin)?.reshape((b, t, hkv, hd))?, rope, ctx.position_ids)?;
+        let v = heads_to_bhtd(&run(2, &h1, &mut lin)?.reshape((b, t, hkv, hd))?)?;
         let (o, attn) = attention_fwd(&q, &k, &v, &self.attn, ctx.segment_ids)?;
-        let o = o.transpose(1, 2)?.contiguous()?.reshape((n, hq * hd))?;
+        let o = heads_to_bthd(&o)?.reshape((n, hq * hd))?;
         let mut a = run(3, &o, &mut lin)?.reshape((b, t, d))?;
         let mut attn_post = None;
         if let Some(w) = &self.attn_post_norm {
@@ -582,7 +581,7 @@ impl Block {
             a = y;
             attn_post = Some(s);
         }
-        let x1 = (x + a)?;
+        let x1 = residual_add(x, &a)?;
         let (h2, n2) = rms_norm_fwd(&x1, &self.ffn_norm, eps, unit_offset)?;
         let h2 = h2.reshape((n, d))?;
         let gate = run(4, &h2, &mut lin)?;
@@ -595,7 +594,7 @@ impl Block {
             dn = y;
             ffn_post = Some(s);
         }
-        let out = (x1 + dn)?;
+        let out = residual_add(&x1, &dn)?;
         let saved = save.then(|| BlockSaved { n1, lin, attn, attn_post, n2, gate, up, ffn_post });
         Ok((out, saved))
     }
@@ -636,7 +635,7 @@ impl Block {
         drop(dgate);
         let dh2 = lin_bwd(5, &dup, grads, Some(dh2))?;
         drop(dup);
-        let dx1 = (dy + rms_norm_bwd(&dh2.reshape((b, t, d))?, &self.ffn_norm, unit_offset, &n2)?)?;
+        let dx1 = rms_norm_bwd_add(&dh2.reshape((b, t, d))?, &self.ffn_norm, unit_offset, &n2, dy)?;
         drop(n2);
         // Attention half: x1 = x + post(o_proj(attn(...))).
         let mut da = dx1.clone();
@@ -644,17 +643,19 @@ impl Block {
             da = rms_norm_bwd(&da, w, unit_offset, ps)?;
         }
         let dout = lin_bwd(3, &da.reshape((n, d))?, grads, None)?;
-        let dout = dout.reshape((b, t, hq, hd))?.transpose(1, 2)?.contiguous()?;
+        let dout = heads_to_bhtd(&dout.reshape((b, t, hq, hd))?)?;
         let (dq, dk, dv) = attention_bwd(&dout, &attn, &self.attn, ctx.segment_ids)?;
         drop((dout, attn));
-        let dq = rope_bwd(&dq, rope, ctx.position_ids)?;
-        let dk = rope_bwd(&dk, rope, ctx.position_ids)?;
-        let flat = |g: Tensor, h: usize| -> Result<Tensor> { Ok(g.transpose(1, 2)?.contiguous()?.reshape((n, h * hd))?) };
-        let dh1 = lin_bwd(0, &flat(dq, hq)?, grads, None)?;
-        let dh1 = lin_bwd(1, &flat(dk, hkv)?, grads, Some(dh1))?;
-        let dh1 = lin_bwd(2, &flat(dv, hkv)?, grads, Some(dh1))?;
-        let dx = (dx1 + rms_norm_bwd(&dh1.reshape((b, t, d))?, &self.attn_norm, unit_offset, &n1)?)?;
-        Ok(dx)
+        let dq = rope_bwd_to_bthd(&dq, rope, ctx.position_ids)?.reshape((n, hq * hd))?;
+        let dk = rope_bwd_to_bthd(&dk, rope, ctx.position_ids)?.reshape((n, hkv * hd))?;
+        let dv = heads_to_bthd(&dv)?.reshape((n, hkv * hd))?;
+        let dh1 = lin_bwd(0, &dq, grads, None)?;
+        drop(dq);
+        let dh1 = lin_bwd(1, &dk, grads, Some(dh1))?;
+        drop(dk);
+        let dh1 = lin_bwd(2, &dv, grads, Some(dh1))?;
+        drop(dv);
+        rms_norm_bwd_add(&dh1.reshape((b, t, d))?, &self.attn_norm, unit_offset, &n1, &dx1)
     }
 }
 

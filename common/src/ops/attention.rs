@@ -180,6 +180,26 @@ fn reference_forced() -> bool {
     *FORCED.get_or_init(|| std::env::var(ATTENTION_PATH_ENV).is_ok_and(|v| v == "reference"))
 }
 
+/// A linear layer's output viewed as `[B, T, H, D]`, copied to the `[B, H, T, D]` layout
+/// attention reads (one vectorised copy on CUDA).
+pub fn heads_to_bhtd(x: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if x.rank() == 4 && crate::kernels::fused::applies(&[x]) {
+        return crate::kernels::fused::transpose_heads(x, crate::kernels::fused::HeadLayout::Bthd);
+    }
+    Ok(x.transpose(1, 2)?.contiguous()?)
+}
+
+/// The reverse of [`heads_to_bhtd`]: `[B, H, T, D]` to `[B, T, H, D]`, ready to reshape
+/// into a linear layer's `[B·T, H·D]` input or gradient.
+pub fn heads_to_bthd(x: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if x.rank() == 4 && crate::kernels::fused::applies(&[x]) {
+        return crate::kernels::fused::transpose_heads(x, crate::kernels::fused::HeadLayout::Bhtd);
+    }
+    Ok(x.transpose(1, 2)?.contiguous()?)
+}
+
 /// Whether [`attention_fwd`] / [`attention_bwd`] run the flash-attention kernel for these
 /// inputs (always false without the `cuda` feature).
 pub fn uses_flash_kernel(q: &Tensor, cfg: &AttnConfig) -> bool {

@@ -6,6 +6,8 @@
 //! no gradient. All ops are device-agnostic candle code; CUDA kernels replace the hot ones
 //! behind the `cuda` feature later, with these as the reference.
 
+use candle_core::Tensor;
+
 pub mod activation;
 pub mod attention;
 pub mod embedding;
@@ -13,3 +15,14 @@ pub mod rms_norm;
 pub mod rope;
 #[cfg(test)]
 pub(crate) mod testutil;
+
+/// `a + b` of one shape: the residual stream's adds. On CUDA one vectorised kernel
+/// (candle's add moves one element per thread, at half the copy bandwidth); elsewhere
+/// candle's add, which gives the same bits.
+pub fn residual_add(a: &Tensor, b: &Tensor) -> crate::Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if a.dims() == b.dims() && crate::kernels::fused::applies(&[a, b]) {
+        return crate::kernels::fused::add(a, b);
+    }
+    Ok((a + b)?)
+}

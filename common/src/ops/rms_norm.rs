@@ -98,9 +98,27 @@ pub fn rms_norm_bwd(
     check_bwd(dy, weight, saved)?;
     #[cfg(feature = "cuda")]
     if crate::kernels::fused::applies(&[dy, &saved.x, weight]) {
-        return crate::kernels::fused::rms_norm_bwd(dy, &saved.x, weight, &saved.rstd, unit_offset);
+        return crate::kernels::fused::rms_norm_bwd(dy, &saved.x, weight, &saved.rstd, unit_offset, None);
     }
     rms_norm_bwd_reference(dy, weight, unit_offset, saved)
+}
+
+/// `residual + rms_norm_bwd(dy, …)`: a pre-norm block's input gradient, where the residual
+/// stream's gradient `residual` skips the branch. One kernel on CUDA (the sum formed in
+/// f32 and rounded once), the two steps elsewhere.
+pub fn rms_norm_bwd_add(
+    dy: &Tensor,
+    weight: &Tensor,
+    unit_offset: bool,
+    saved: &RmsNormSaved,
+    residual: &Tensor,
+) -> Result<Tensor> {
+    check_bwd(dy, weight, saved)?;
+    #[cfg(feature = "cuda")]
+    if crate::kernels::fused::applies(&[dy, &saved.x, weight, residual]) {
+        return crate::kernels::fused::rms_norm_bwd(dy, &saved.x, weight, &saved.rstd, unit_offset, Some(residual));
+    }
+    Ok((residual + rms_norm_bwd_reference(dy, weight, unit_offset, saved)?)?)
 }
 
 /// [`rms_norm_bwd`] as candle ops on any device, in x's dtype.
