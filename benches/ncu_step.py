@@ -7,9 +7,10 @@ launches, by kind:
 
     python3 benches/ncu_step.py QDISTILL_BIN "lora bf16 8b 2x2048 nogc" [OUT_DIR]
 
-Each kernel is classified by its name and, for cuBLAS GEMMs, by its grid: a GEMM with at
-most 8 tiles along one side is a rank-16 LoRA product (x·Aᵀ, (x·Aᵀ)·Bᵀ, dy·B, dA, dB,
-dX += g·A), the others are the base weight GEMMs and the LM head.
+Each kernel is classified by its name: cuBLAS's small-tile and split-K GEMMs are the
+rank-16 LoRA products (x·Aᵀ, dy·B, dA, dB); an accumulating (β = 1) full-size GEMM right
+after one of them adds the LoRA branch onto y or dX; the other GEMMs are the base weights'
+and the LM head's.
 """
 import collections
 import csv
@@ -46,34 +47,40 @@ if len(ends) < 2:
 step = kernels[ends[-2] + 1 : ends[-1] + 1]
 
 
-def grid_dims(g):
-    return [int(x) for x in re.findall(r"\d+", g)]
+RANK16 = re.compile(r"splitK|_tss_|_tst_(16|32)x")
 
 
-def kind(name, grid):
+def kind(name, prev):
+    """What a kernel does, from its name and the kind of the kernel before it."""
     n = name.lower()
-    if "gemm" in n or "gemv" in n or "xmma" in n or "cutlass" in n or "splitk" in n or "reduce" in n and "cublas" in n:
-        g = grid_dims(grid)
-        small = min(g[0], g[1]) if len(g) >= 2 else g[0]
-        return "gemm rank-16 (LoRA)" if small <= 8 and max(g) < 4096 else "gemm base / head"
+    if "gemm" in n or "nvjet" in n or "xmma" in n or "cutlass" in n:
+        if RANK16.search(name):
+            return "gemm rank-16 (x·Aᵀ, dy·B, dA, dB)"
+        # A full-size product right after a rank-16 one, accumulating (β = 1): the LoRA
+        # branch added onto y (forward) or dX (backward).
+        if "badd" in n and prev.startswith("gemm rank-16"):
+            return "gemm LoRA add onto y / dX (β = 1)"
+        return "gemm base weights / LM head"
     for key, label in [
-        ("flash", "attention"), ("rms", "rmsnorm"), ("rope", "rope"), ("glu", "swiglu"),
-        ("loss", "fused loss"), ("lse", "fused loss"), ("adamw", "optimizer"), ("norm", "optimizer"),
-        ("cast", "optimizer"), ("nf4", "nf4 dequant"), ("ucopy", "copy / transpose"),
-        ("copy", "copy / transpose"), ("badd", "elementwise add"), ("bmul", "elementwise"),
-        ("affine", "elementwise"), ("fill", "fill"), ("index", "embedding"), ("emb", "embedding"),
-        ("gather", "embedding"), ("reduce", "reduction"), ("sum", "reduction"),
+        ("flash", "attention"), ("rms", "rmsnorm"), ("rope", "rope"), ("head_copy", "head transpose"),
+        ("glu", "swiglu"), ("fused_add", "residual add"), ("badd_", "residual add (candle)"),
+        ("loss", "fused loss"), ("adamw", "optimizer"), ("norm", "optimizer"), ("cast", "optimizer"),
+        ("nf4", "nf4 dequant"), ("ucopy", "strided copy (candle)"), ("copy", "copy"),
+        ("affine", "elementwise"), ("fill", "fill"), ("const_set", "fill"), ("index", "embedding"),
+        ("emb", "embedding"), ("gather", "embedding"), ("reduce", "gemm rank-16 (x·Aᵀ, dy·B, dA, dB)"),
     ]:
         if key in n:
             return label
     return "other: " + name[:50]
 
 
+kinds = []
+for name, grid, block, us in step:
+    kinds.append(kind(name, kinds[-1] if kinds else ""))
 total = sum(k[3] for k in step)
 by_kind = collections.defaultdict(lambda: [0.0, 0])
 by_name = collections.defaultdict(lambda: [0.0, 0])
-for name, grid, block, us in step:
-    k = kind(name, grid)
+for (name, grid, block, us), k in zip(step, kinds):
     by_kind[k][0] += us
     by_kind[k][1] += 1
     by_name[(k, name[:90], grid)][0] += us
@@ -84,8 +91,8 @@ for k, (us, n) in sorted(by_kind.items(), key=lambda x: -x[1][0]):
     print(f"| {k} | {us / 1e3:.2f} | {100 * us / total:.1f}% | {n} |")
 print("\nTop kernels (name, grid):")
 for (k, name, grid), (us, n) in sorted(by_name.items(), key=lambda x: -x[1][0])[:40]:
-    print(f"{us / 1e3:8.2f} ms {n:5d}x  {k:22s} {grid:18s} {name}")
+    print(f"{us / 1e3:8.2f} ms {n:5d}x  {k:34s} {grid:18s} {name}")
 # One block's sequence (the second block of the forward), for reading order and shapes.
 print("\nFirst 160 kernels of the step:")
-for name, grid, block, us in step[:160]:
-    print(f"{us:9.1f} us  {grid:18s} {kind(name, grid):22s} {name[:80]}")
+for (name, grid, block, us), k in list(zip(step, kinds))[:160]:
+    print(f"{us:9.1f} us  {grid:18s} {k:34s} {name[:80]}")

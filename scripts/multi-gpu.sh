@@ -18,13 +18,14 @@
 # step: the global batch grows with the GPUs) and distill-8b-1b.toml as 1 teacher + 3
 # students. Each prints one table: tokens/s (mean over the steps after the first 2),
 # ratios, GPU busy % per GPU over those steps (nvidia-smi every 200 ms), and the student's
-# recv-wait and all-reduce shares of its step. "scale8" (8 GPUs) does the same with
-# Llama-3-8B NF4 + LoRA students (LwF on 1, 2, 4, 8 GPUs; 2 teachers + 6 students) and
-# kills one of 8 students mid-run. QD_LLAMA_STEPS (12) sets their steps.
+# recv-wait and all-reduce shares of its step. "scale8" (8 GPUs; QD_GPUS=4 on a node of
+# 4) does the same with Llama-3-8B NF4 + LoRA students (LwF on 1, 2, 4, 8 GPUs; 2 teachers
+# + 6 students) and kills one of the 8 students mid-run ("node-kill": that run alone).
+# QD_LLAMA_STEPS (12) sets their steps.
 # QDISTILL_MGPU_DRYRUN=1 runs the same logic on the CPU with tiny models of the same
 # vocabulary and tokenizer (no NCCL, no GPU sampling, the baseline in float32).
 #
-#   scripts/multi-gpu.sh [STEPS] [RUN...]   (runs: equivalence recovery overlap-eq llama2 scale4 scale8;
+#   scripts/multi-gpu.sh [STEPS] [RUN...]   (runs: equivalence recovery overlap-eq llama2 scale4 scale8 node-kill;
 #                                            default equivalence recovery)
 #
 # Needs a CUDA build of qdistill (QD_BIN, default ~/qd/qdistill, unpacked from
@@ -400,21 +401,40 @@ llama_recovery() { # NAME CONFIG COORDINATOR-FLAGS... -- DEVICES...
   ledger_summary "$LL/$name/ledger.json"
 }
 
-# scale8 (8 GPUs): Llama-3-8B NF4 + LoRA students (random weights): LwF students on 1, 2, 4
-# and 8 GPUs (2 micro-batches per GPU a step), 2 NF4 8B teachers serving 6 students, then
-# the 8-student LwF run with one student killed and replaced mid-run.
+# scale8 (a node of G GPUs, 8 by default; QD_GPUS=4 on a 4-GPU machine): Llama-3-8B NF4 +
+# LoRA students (random weights): LwF students on 1, 2, 4, … G GPUs (2 micro-batches per GPU
+# a step), G/4 NF4 8B teachers serving the other 3G/4 students (2 + 6 on 8 GPUs), then the
+# G-student LwF run with one student killed and replaced mid-run.
 scale8() {
   llama_setup || return 1
-  local lwf=$SHAPES/lwf-1b.toml cfg=$SHAPES/distill-8b-1b.toml n
-  local s8=(--set "model.model_name_or_path=$SHAPES/llama-3-8b") dry=() d=(cuda:0 cuda:1 cuda:2 cuda:3 cuda:4 cuda:5 cuda:6 cuda:7)
-  [[ $DRY == 1 ]] && s8=(--set "model.model_name_or_path=$LL_TEACHER") dry=(--set "teacher.model_name_or_path=$LL_TEACHER") d=(cpu cpu cpu cpu cpu cpu cpu cpu)
-  for n in 1 2 4 8; do
+  local lwf=$SHAPES/lwf-1b.toml cfg=$SHAPES/distill-8b-1b.toml n g=${QD_GPUS:-8} d=() sizes=() rows=()
+  for ((n = 0; n < g; n++)); do d+=(cuda:$n); done
+  for n in 1 2 4 8; do (( n <= g )) && sizes+=("$n"); done
+  local s8=(--set "model.model_name_or_path=$SHAPES/llama-3-8b") dry=()
+  if [[ $DRY == 1 ]]; then
+    s8=(--set "model.model_name_or_path=$LL_TEACHER") dry=(--set "teacher.model_name_or_path=$LL_TEACHER")
+    d=("${d[@]/cuda:*/cpu}")
+  fi
+  for n in "${sizes[@]}"; do
     llama_cluster "lwf8b-$n" "$lwf" "${s8[@]}" --set "training.gradient_accumulation_steps=$((2 * n))" -- "${d[@]:0:n}"
+    rows+=("lwf8b-$n:cluster:$n$([[ $n != 1 ]] && echo :lwf8b-1)")
   done
-  llama_cluster t2s6 "$cfg" "${s8[@]}" "${dry[@]}" --set training.gradient_accumulation_steps=12 --teacher-ranks 2 -- "${d[@]}"
-  llama_table "scale8: 8B LwF students on 1, 2, 4, 8 GPUs; 2 teachers + 6 students" lwf8b-1:cluster:1 lwf8b-2:cluster:2:lwf8b-1 \
-    lwf8b-4:cluster:4:lwf8b-1 lwf8b-8:cluster:8:lwf8b-1 t2s6:cluster:8
-  llama_recovery lwf8b-recovery "$lwf" "${s8[@]}" --set training.gradient_accumulation_steps=16 -- "${d[@]}"
+  local t=$((g / 4)) s=$((g - g / 4))
+  llama_cluster "t${t}s$s" "$cfg" "${s8[@]}" "${dry[@]}" --set "training.gradient_accumulation_steps=$((2 * s))" --teacher-ranks "$t" -- "${d[@]}"
+  llama_table "scale8: 8B LwF students on ${sizes[*]} GPUs; $t teacher(s) + $s students" "${rows[@]}" "t${t}s$s:cluster:$g"
+  node_recovery
+}
+
+# The G-student LwF run of scale8 (Llama-3-8B shapes) with one student SIGKILLed and
+# replaced mid-run; also alone as the run `node-kill`.
+node_recovery() {
+  llama_setup || return 1
+  local n g=${QD_GPUS:-8} d=() s8=(--set "model.model_name_or_path=$SHAPES/llama-3-8b")
+  for ((n = 0; n < g; n++)); do d+=(cuda:$n); done
+  if [[ $DRY == 1 ]]; then
+    s8=(--set "model.model_name_or_path=$LL_TEACHER") d=("${d[@]/cuda:*/cpu}")
+  fi
+  llama_recovery lwf8b-recovery "$SHAPES/lwf-1b.toml" "${s8[@]}" --set "training.gradient_accumulation_steps=$((2 * g))" -- "${d[@]}"
 }
 
 # The overlapped gradient all-reduce (each block's adapter gradients reduced over NCCL as
@@ -469,6 +489,7 @@ fi
 [[ $RUNS == *llama2* ]] && llama2
 [[ $RUNS == *scale4* ]] && scale4
 [[ $RUNS == *scale8* ]] && scale8
+[[ $RUNS == *node-kill* ]] && node_recovery
 (( ${#pairs[@]} )) || exit 0
 
 "$PY" - "$OUT" "${pairs[@]}" <<'EOF'

@@ -242,6 +242,7 @@ pub fn run_worker(opts: WorkerOptions) -> anyhow::Result<WorkerExit> {
         let ctx = RoleCtx { rpc: &rpc, session: &session, listener: &listener, opts: &opts };
         let outcome = run_role(&ctx, &assignment, &config_toml);
         session.shared.clear_abort();
+        let outcome = settle(outcome, session.shared.reregister.load(Ordering::SeqCst), session.shared.stop.load(Ordering::SeqCst));
         match outcome {
             Ok(RoleEnd::Finished) => match session.wait_for_end() {
                 session::Next::Stop(why) => return Ok(WorkerExit::JobOver(why)),
@@ -265,6 +266,19 @@ pub fn run_worker(opts: WorkerOptions) -> anyhow::Result<WorkerExit> {
                 return Err(e.context(format!("{} rank {} of generation {}", role_name(assignment.role), assignment.rank, assignment.generation)))
             }
         }
+    }
+}
+
+/// A role that failed after its generation ended (`reregister`) or the job ended (`stop`)
+/// failed because the heartbeat aborted its collectives under it: an overlapped all-reduce
+/// inside the backward, say, reports the aborted NCCL communicator as the backward's own
+/// error. That is the generation's end, not the worker's: register again (or stop),
+/// instead of exiting with the error.
+fn settle(outcome: Result<RoleEnd, RoleError>, reregister: bool, stop: bool) -> Result<RoleEnd, RoleError> {
+    match outcome {
+        Err(RoleError::Fatal(_)) if stop => Err(RoleError::Stopped),
+        Err(RoleError::Fatal(e)) if reregister => Err(RoleError::Lost(format!("{e:#}"))),
+        other => other,
     }
 }
 
@@ -319,4 +333,24 @@ pub fn serve_coordinator(
     crate::run::check_cluster_config(&cfg)?;
     let steps = total_steps(&cfg)?;
     Ok(qdistill_coordinator::serve(&cfg, steps, addr, opts)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fatal() -> Result<RoleEnd, RoleError> {
+        Err(RoleError::Fatal(anyhow::anyhow!("collective: the NCCL communicator was aborted (the generation ended)")))
+    }
+
+    #[test]
+    fn a_role_error_after_the_generation_ended_means_register_again() {
+        assert!(matches!(settle(fatal(), true, false), Err(RoleError::Lost(m)) if m.contains("aborted")));
+        assert!(matches!(settle(fatal(), false, true), Err(RoleError::Stopped)));
+        // With the generation still on, an error is the worker's own and ends it.
+        assert!(matches!(settle(fatal(), false, false), Err(RoleError::Fatal(_))));
+        // Other outcomes pass through whatever the flags say.
+        assert!(matches!(settle(Ok(RoleEnd::Finished), true, true), Ok(RoleEnd::Finished)));
+        assert!(matches!(settle(Err(RoleError::Lost("peer".into())), false, true), Err(RoleError::Lost(_))));
+    }
 }
