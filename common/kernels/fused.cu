@@ -161,6 +161,25 @@ __device__ __forceinline__ void rms_norm_bwd(const T* __restrict__ dy, const T* 
 // matching VEC of the second half.
 // ---------------------------------------------------------------------------------------
 
+// Work item i of a grid-stride loop over rows enumerated token-major, heads fastest
+// (row = (b * T + t) * H + h), `per_row` vectors of VEC elements each: the row's token
+// index b * T + t, and the element offsets of the item in the input and output layouts.
+struct HeadItem {
+  int64_t bt, in_off, out_off;
+  __device__ __forceinline__ HeadItem(int64_t i, int per_row, int vec, int H, int T_len,
+                                      int64_t in_sb, int64_t in_sh, int64_t in_st,
+                                      int64_t out_sb, int64_t out_sh, int64_t out_st) {
+    const int64_t row = i / per_row;
+    const int64_t c = (i - row * per_row) * vec;
+    bt = row / H;
+    const int64_t h = row - bt * H;
+    const int64_t b = bt / T_len;
+    const int64_t t = bt - b * T_len;
+    in_off = b * in_sb + h * in_sh + t * in_st + c;
+    out_off = b * out_sb + h * out_sh + t * out_st + c;
+  }
+};
+
 template <typename T, int VEC>
 __device__ __forceinline__ void rope(const T* __restrict__ x, T* __restrict__ y,
                                      const uint32_t* __restrict__ pos,
@@ -173,15 +192,11 @@ __device__ __forceinline__ void rope(const T* __restrict__ x, T* __restrict__ y,
   const int64_t total = rows * per_row;
   const int64_t stride = (int64_t)blockDim.x * gridDim.x;
   for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += stride) {
-    const int64_t row = i / per_row;
-    const int c = (int)(i - row * per_row) * VEC;
-    const int64_t bt = row / H;
-    const int h = (int)(row - bt * H);
-    const int64_t b = bt / T_len;
-    const int64_t t = bt - b * T_len;
-    const int64_t p = pos[bt];
-    const T* xi = x + b * in_sb + h * in_sh + t * in_st + c;
-    T* yo = y + b * out_sb + h * out_sh + t * out_st + c;
+    const HeadItem it(i, per_row, VEC, H, T_len, in_sb, in_sh, in_st, out_sb, out_sh, out_st);
+    const int c = (int)(i % per_row) * VEC;
+    const int64_t p = pos[it.bt];
+    const T* xi = x + it.in_off;
+    T* yo = y + it.out_off;
     float x1[VEC], x2[VEC], cs[VEC], sn[VEC], y1[VEC], y2[VEC];
     load_f32<T, VEC>(xi, x1);
     load_f32<T, VEC>(xi + half, x2);
@@ -224,15 +239,10 @@ __device__ __forceinline__ void head_copy(const T* __restrict__ x, T* __restrict
   const int64_t total = rows * per_row;
   const int64_t stride = (int64_t)blockDim.x * gridDim.x;
   for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += stride) {
-    const int64_t row = i / per_row;
-    const int c = (int)(i - row * per_row) * VEC;
-    const int64_t bt = row / H;
-    const int h = (int)(row - bt * H);
-    const int64_t b = bt / T_len;
-    const int64_t t = bt - b * T_len;
+    const HeadItem it(i, per_row, VEC, H, T_len, in_sb, in_sh, in_st, out_sb, out_sh, out_st);
     float v[VEC];
-    load_f32<T, VEC>(x + b * in_sb + h * in_sh + t * in_st + c, v);
-    store_f32<T, VEC>(y + b * out_sb + h * out_sh + t * out_st + c, v);
+    load_f32<T, VEC>(x + it.in_off, v);
+    store_f32<T, VEC>(y + it.out_off, v);
   }
 }
 

@@ -442,8 +442,13 @@ pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 }
 
 fn add_t<T: Elem>(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let op = "fused add";
-    check_operand(op, "b", b, a, a.dims())?;
+    elementwise2::<T>("fused add", ["a", "b"], a, b, &|vec| format!("fused_add_{}_v{vec}", T::NAME))
+}
+
+/// One output from two inputs of one shape, elementwise: the kernel named by `kernel(vec)`
+/// with arguments (a, b, out, n_vec), as fused_add_* and fused_glu_fwd_* in fused.cu.
+fn elementwise2<T: Elem>(op: &str, names: [&str; 2], a: &Tensor, b: &Tensor, kernel: &dyn Fn(usize) -> String) -> Result<Tensor> {
+    check_operand(op, names[1], b, a, a.dims())?;
     let n = a.elem_count();
     if n == 0 {
         return Err(Error::Msg(format!("{op}: input of shape {:?} is empty", a.dims())));
@@ -456,12 +461,12 @@ fn add_t<T: Elem>(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     {
         let (as_, al) = a.storage_and_layout();
         let (bs, bl) = b.storage_and_layout();
-        let av = view::<T>(&as_, al, op, "a")?;
-        let bv = view::<T>(&bs, bl, op, "b")?;
-        let func = dev.get_or_load_custom_func(&format!("fused_add_{}_v{vec}", T::NAME), FUSED_MODULE, FUSED_PTX)?;
+        let av = view::<T>(&as_, al, op, names[0])?;
+        let bv = view::<T>(&bs, bl, op, names[1])?;
+        let func = dev.get_or_load_custom_func(&kernel(vec), FUSED_MODULE, FUSED_PTX)?;
         let mut bld = func.builder();
         bld.arg(&av).arg(&bv).arg(&mut out).arg(&n_vec);
-        // SAFETY: arguments match fused_add_* in fused.cu; all three buffers hold
+        // SAFETY: the kernel takes (a, b, out, n_vec); all three buffers hold
         // n = n_vec · vec elements and start at offsets that are multiples of vec.
         unsafe { bld.launch(grid_stride_cfg(n / vec)) }.w()?;
     }
@@ -490,31 +495,7 @@ pub fn glu_fwd(gate: &Tensor, up: &Tensor, act: Activation) -> Result<Tensor> {
 }
 
 fn glu_fwd_t<T: Elem>(gate: &Tensor, up: &Tensor, act: Activation) -> Result<Tensor> {
-    let op = "fused glu_fwd";
-    check_operand(op, "up", up, gate, gate.dims())?;
-    let n = gate.elem_count();
-    if n == 0 {
-        return Err(Error::Msg(format!("{op}: input of shape {:?} is empty", gate.dims())));
-    }
-    let (gate, up) = (gate.contiguous()?, up.contiguous()?);
-    let dev = cuda_device(gate.device())?;
-    let vec = pick_vec::<T>(&[n, gate.layout().start_offset(), up.layout().start_offset()]);
-    let n_vec = (n / vec) as i64;
-    let mut out = alloc_out::<T>(dev, n)?;
-    {
-        let (gs, gl) = gate.storage_and_layout();
-        let (us, ul) = up.storage_and_layout();
-        let gv = view::<T>(&gs, gl, op, "gate")?;
-        let uv = view::<T>(&us, ul, op, "up")?;
-        let name = format!("fused_glu_fwd_{}_{}_v{vec}", act_name(act), T::NAME);
-        let func = dev.get_or_load_custom_func(&name, FUSED_MODULE, FUSED_PTX)?;
-        let mut b = func.builder();
-        b.arg(&gv).arg(&uv).arg(&mut out).arg(&n_vec);
-        // SAFETY: arguments match fused_glu_fwd_* in fused.cu; all three buffers hold
-        // n = n_vec · vec elements and start at offsets that are multiples of vec.
-        unsafe { b.launch(grid_stride_cfg(n / vec)) }.w()?;
-    }
-    Ok(into_tensor(out, dev, gate.shape().clone()))
+    elementwise2::<T>("fused glu_fwd", ["gate", "up"], gate, up, &|vec| format!("fused_glu_fwd_{}_{}_v{vec}", act_name(act), T::NAME))
 }
 
 /// `(dgate, dup)` of `m = act(gate) * up` from `dm`, in one pass.
