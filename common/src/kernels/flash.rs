@@ -8,7 +8,7 @@
 //! f16 with `D` in [`FLASH_HEAD_DIMS`]; the kernels accumulate in f32. The logsumexp is f32.
 
 use candle_core::cuda_backend::cudarc::driver::{
-    result, sys, CudaSlice, CudaView, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
+    result, sys, CudaSlice, CudaView, DevicePtrMut, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::op::BackpropOp;
@@ -93,7 +93,46 @@ struct Launch<'a> {
     softcap: f32,
 }
 
+/// The arguments the forward and backward kernels both end with: the segment ids and
+/// ranges (without segments the kernel never reads them, and `dummy`, any device pointer,
+/// stands in), the integer shape arguments, scale and softcap.
+fn push_tail<'a, T: DeviceRepr>(
+    b: &mut LaunchArgs<'a>,
+    seg: Option<(&'a CudaView<'a, u32>, &'a Segments)>,
+    dummy: &'a CudaView<'a, T>,
+    ints: &'a [i32; 6],
+    l: &'a Launch,
+) {
+    match seg {
+        Some((ids, s)) => {
+            b.arg(ids);
+            b.arg(&s.ranges);
+        }
+        None => {
+            b.arg(dummy);
+            b.arg(dummy);
+        }
+    }
+    for x in ints {
+        b.arg(x);
+    }
+    b.arg(&l.scale);
+    b.arg(&l.softcap);
+}
+
 impl Launch<'_> {
+    /// (has segments, Hq, Hkv, T, window, segment blocks), as the kernels take them.
+    fn ints(&self, seg: Option<&Segments>) -> Result<[i32; 6]> {
+        Ok([
+            seg.is_some() as i32,
+            self.i32("Hq", self.hq)?,
+            self.i32("Hkv", self.hkv)?,
+            self.i32("T", self.t)?,
+            self.window,
+            seg.map_or(0, |s| s.blocks as i32),
+        ])
+    }
+
     fn kernel_name(&self, stem: &str, suffix: &str) -> String {
         let cap = if self.softcap > 0.0 { "_softcap" } else { "" };
         format!("{stem}_d{}_{suffix}{cap}", self.d)
@@ -257,36 +296,14 @@ fn fwd_typed<T: FlashElem>(
             Some((st, lay)) => Some(view::<u32>(st, lay, "segment_ids")?),
             None => None,
         };
-        let ints = [
-            seg.is_some() as i32,
-            l.i32("Hq", l.hq)?,
-            l.i32("Hkv", l.hkv)?,
-            l.i32("T", l.t)?,
-            l.window,
-            seg.as_ref().map_or(0, |s| s.blocks as i32),
-        ];
+        let ints = l.ints(seg.as_ref())?;
         let mut b = func.builder();
         b.arg(&qv);
         b.arg(&kv);
         b.arg(&vv);
         b.arg(&mut out);
         b.arg(&mut lse);
-        // Without segments the kernel never reads these two; any device pointer will do.
-        match (&seg_view, &seg) {
-            (Some(ids), Some(s)) => {
-                b.arg(ids);
-                b.arg(&s.ranges);
-            }
-            _ => {
-                b.arg(&qv);
-                b.arg(&qv);
-            }
-        }
-        for x in &ints {
-            b.arg(x);
-        }
-        b.arg(&l.scale);
-        b.arg(&l.softcap);
+        push_tail(&mut b, seg_view.as_ref().zip(seg.as_ref()), &qv, &ints, &l);
         // SAFETY: argument order and types match the kernel in flash_attn.cu; q, k, v are
         // contiguous [B, H, T, D] of T (checked by `check` and `view`), out holds B*Hq*T*D
         // and lse B*Hq*T elements; segment ids hold B*T u32 and ranges 2*B*blocks.
@@ -402,14 +419,7 @@ fn bwd_typed<T: FlashElem>(
             Some((st, lay)) => Some(view::<u32>(st, lay, "segment_ids")?),
             None => None,
         };
-        let ints = [
-            seg.is_some() as i32,
-            l.i32("Hq", l.hq)?,
-            l.i32("Hkv", l.hkv)?,
-            l.i32("T", l.t)?,
-            l.window,
-            seg.as_ref().map_or(0, |s| s.blocks as i32),
-        ];
+        let ints = l.ints(seg.as_ref())?;
         let mut b = func.builder();
         b.arg(&qv);
         b.arg(&kv);
@@ -420,21 +430,7 @@ fn bwd_typed<T: FlashElem>(
         b.arg(&mut dq_acc);
         b.arg(&mut dk);
         b.arg(&mut dv);
-        match (&seg_view, &seg) {
-            (Some(ids), Some(s)) => {
-                b.arg(ids);
-                b.arg(&s.ranges);
-            }
-            _ => {
-                b.arg(&qv);
-                b.arg(&qv);
-            }
-        }
-        for x in &ints {
-            b.arg(x);
-        }
-        b.arg(&l.scale);
-        b.arg(&l.softcap);
+        push_tail(&mut b, seg_view.as_ref().zip(seg.as_ref()), &qv, &ints, &l);
         // SAFETY: matches flash_bwd_*; shapes as checked above, dq_acc holds B*Hq*T*D f32,
         // dk and dv B*Hkv*T*D elements.
         unsafe { b.launch(cfg_main) }.w()?;
