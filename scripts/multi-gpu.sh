@@ -59,6 +59,34 @@ LIMIT="${QD_RUN_LIMIT:-150}"   # seconds any one run may take
 
 free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
+# One worker per device against the coordinator on PORT, named w<i>-<device>, logging to
+# DIR/NAME-w<i>.log; FLAGS after `--` go to every worker. Sets WPIDS and WLOGS.
+start_workers() { # LIMIT DIR NAME PORT DEVICE... [-- FLAGS...]
+  local limit=$1 dir=$2 name=$3 port=$4 i devs=() flags=()
+  shift 4
+  while (( $# )) && [[ $1 != -- ]]; do devs+=("$1"); shift; done
+  (( $# )) && shift
+  flags=("$@")
+  WPIDS=() WLOGS=()
+  for i in "${!devs[@]}"; do
+    timeout "$limit" "$BIN" worker --coordinator "http://127.0.0.1:$port" --name "w$i-${devs[$i]}" --device "${devs[$i]}" \
+      "${flags[@]}" > "$dir/$name-w$i.log" 2>&1 &
+    WPIDS+=($!) WLOGS+=("$dir/$name-w$i.log")
+  done
+}
+
+# Polls the coordinator on PORT until a checkpoint exists and MARGIN more steps are
+# committed (or TRIES polls, 0.2 s apart, have passed); prints its last status line.
+wait_past_checkpoint() { # PORT MARGIN TRIES
+  local st="" _
+  for _ in $(seq 1 "$3"); do
+    st=$("$BIN" status --coordinator "http://127.0.0.1:$1" 2>/dev/null | head -1)
+    [[ $st =~ ([0-9]+)/[0-9]+\ steps\ committed.*checkpoint-([0-9]+) ]] && (( BASH_REMATCH[1] >= BASH_REMATCH[2] + $2 )) && break
+    sleep 0.2
+  done
+  echo "$st"
+}
+
 run_train() { # NAME CONFIG SETTINGS...
   local name=$1 cfg=$2; shift 2
   local t0=$SECONDS
@@ -77,12 +105,8 @@ run_cluster() { # NAME CONFIG WORKER-FLAGS... -- DEVICES...
     --listen "127.0.0.1:$port" --workers "${#devs[@]}" --heartbeat 1 --lease 20 > "$OUT/$name-coordinator.log" 2>&1 &
   local coord=$!
   sleep 1
-  local pids=()
-  for i in "${!devs[@]}"; do
-    timeout "$LIMIT" "$BIN" worker --coordinator "http://127.0.0.1:$port" --name "w$i-${devs[$i]}" --device "${devs[$i]}" \
-      "${flags[@]}" > "$OUT/$name-w$i.log" 2>&1 &
-    pids+=($!)
-  done
+  start_workers "$LIMIT" "$OUT" "$name" "$port" "${devs[@]}" -- "${flags[@]}"
+  local pids=("${WPIDS[@]}")
   sleep 8
   "$BIN" status --coordinator "http://127.0.0.1:$port" > "$OUT/$name-status.txt" 2>&1
   wait "${pids[@]}"
@@ -104,13 +128,7 @@ run_recovery() { # NAME: two LwF students on cuda:0/1, the second killed mid-run
   timeout "$LIMIT" "$BIN" worker --coordinator "http://127.0.0.1:$port" --name victim --device cuda:1 > "$OUT/$name-victim.log" 2>&1 &
   local victim=$!
   # Kill once a checkpoint exists and the run is past it.
-  local st=""
-  for _ in $(seq 1 200); do
-    st=$("$BIN" status --coordinator "http://127.0.0.1:$port" 2>/dev/null | head -1)
-    [[ $st =~ ([0-9]+)/[0-9]+\ steps\ committed.*checkpoint-([0-9]+) ]] && (( BASH_REMATCH[1] >= BASH_REMATCH[2] + 3 )) && break
-    sleep 0.2
-  done
-  echo "  killing the student on cuda:1 at: $st"
+  echo "  killing the student on cuda:1 at: $(wait_past_checkpoint "$port" 3 200)"
   pkill -KILL -f -- "--name victim" || kill -9 $victim  # the worker, not its `timeout` wrapper
   timeout "$LIMIT" "$BIN" worker --coordinator "http://127.0.0.1:$port" --name replacement --device cuda:1 > "$OUT/$name-replacement.log" 2>&1 &
   local repl=$!
@@ -231,12 +249,8 @@ llama_cluster() { # NAME CONFIG COORDINATOR-FLAGS... -- DEVICES...
     --listen "127.0.0.1:$port" --workers "${#devs[@]}" --heartbeat 1 --lease 60 > "$LL/$name-coordinator.log" 2>&1 &
   local coord=$!
   sleep 1
-  local pids=() logs=()
-  for i in "${!devs[@]}"; do
-    timeout "$LLIMIT" "$BIN" worker --coordinator "http://127.0.0.1:$port" --name "w$i-${devs[$i]}" --device "${devs[$i]}" \
-      > "$LL/$name-w$i.log" 2>&1 &
-    pids+=($!) logs+=("$LL/$name-w$i.log")
-  done
+  start_workers "$LLIMIT" "$LL" "$name" "$port" "${devs[@]}"
+  local pids=("${WPIDS[@]}") logs=("${WLOGS[@]}")
   gpu_sampler "$LL/$name.gpu.csv" 'student step timing rank=[0-9]+ step=2 ' "student step timing rank=[0-9]+ step=$LSTEPS " $coord "${logs[@]}"
   wait "${pids[@]}"
   wait $coord
@@ -377,19 +391,9 @@ llama_recovery() { # NAME CONFIG COORDINATOR-FLAGS... -- DEVICES...
     --listen "127.0.0.1:$port" --workers "$n" --min-workers "$last" --heartbeat 0.5 --lease 5 > "$LL/$name-coordinator.log" 2>&1 &
   local coord=$!
   sleep 1
-  local pids=()
-  for i in "${!devs[@]}"; do
-    timeout "$LLIMIT" "$BIN" worker --coordinator "http://127.0.0.1:$port" --name "w$i-${devs[$i]}" --device "${devs[$i]}" \
-      > "$LL/$name-w$i.log" 2>&1 &
-    pids+=($!)
-  done
-  local st=""
-  for _ in $(seq 1 900); do
-    st=$("$BIN" status --coordinator "http://127.0.0.1:$port" 2>/dev/null | head -1)
-    [[ $st =~ ([0-9]+)/[0-9]+\ steps\ committed.*checkpoint-([0-9]+) ]] && (( BASH_REMATCH[1] >= BASH_REMATCH[2] + 2 )) && break
-    sleep 0.2
-  done
-  echo "  killing worker w$last on ${devs[$last]} at: $st"
+  start_workers "$LLIMIT" "$LL" "$name" "$port" "${devs[@]}"
+  local pids=("${WPIDS[@]}")
+  echo "  killing worker w$last on ${devs[$last]} at: $(wait_past_checkpoint "$port" 2 900)"
   pkill -KILL -f -- "--name w$last-" || kill -9 "${pids[$last]}"  # the worker, not its `timeout` wrapper
   timeout "$LLIMIT" "$BIN" worker --coordinator "http://127.0.0.1:$port" --name "replacement-${devs[$last]}" --device "${devs[$last]}" \
     > "$LL/$name-replacement.log" 2>&1 &

@@ -16,7 +16,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cublas::result::gemm_strided_batched_ex;
 use candle_core::cuda_backend::cudarc::cublas::sys as cublas;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg, SyncOnDrop,
+    CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchArgs, LaunchConfig, PushKernelArg, SyncOnDrop,
 };
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{CpuStorage, CudaDevice, CudaStorage, DType, InplaceOp1, Layout, Storage, Tensor};
@@ -24,6 +24,13 @@ use candle_core::{CpuStorage, CudaDevice, CudaStorage, DType, InplaceOp1, Layout
 use super::{bf16, cuda_device};
 use crate::optim::AdamWScalars;
 use crate::{Error, Result};
+
+/// The step's scalars, in the order both AdamW kernels of optim.cu take them last.
+fn push_scalars<'a>(b: &mut LaunchArgs<'a>, s: &'a AdamWScalars) {
+    for x in [&s.grad_scale, &s.decay, &s.w1, &s.beta2, &s.w2, &s.bias_correction2_sqrt, &s.eps, &s.step_size] {
+        b.arg(x);
+    }
+}
 
 const OPTIM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/optim.ptx"));
 /// Name under which candle caches the loaded module (one load per device).
@@ -77,14 +84,7 @@ pub fn adamw_step(
     b.arg(exp_avg_sq);
     b.arg(grads);
     b.arg(&n_i64);
-    b.arg(&s.grad_scale);
-    b.arg(&s.decay);
-    b.arg(&s.w1);
-    b.arg(&s.beta2);
-    b.arg(&s.w2);
-    b.arg(&s.bias_correction2_sqrt);
-    b.arg(&s.eps);
-    b.arg(&s.step_size);
+    push_scalars(&mut b, s);
     // SAFETY: argument order and types match adamw_f32 in optim.cu; the four buffers hold n
     // f32 each (checked above) and are whole allocations, so 16-byte aligned for its float4
     // accesses.
@@ -213,14 +213,7 @@ pub fn adamw_8bit_step(
     b.arg(&q.qmap1);
     b.arg(&q.qmap2);
     b.arg(&q.blocks);
-    b.arg(&s.grad_scale);
-    b.arg(&s.decay);
-    b.arg(&s.w1);
-    b.arg(&s.beta2);
-    b.arg(&s.w2);
-    b.arg(&s.bias_correction2_sqrt);
-    b.arg(&s.eps);
-    b.arg(&s.step_size);
+    push_scalars(&mut b, s);
     let blocks = u32::try_from(q.n_blocks)
         .map_err(|_| Error::Msg(format!("8-bit AdamW on CUDA: {} blocks is too many for one launch", q.n_blocks)))?;
     let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
