@@ -569,8 +569,9 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Selftest { device, fixtures } => {
+            // The table is printed row by row as the checks finish (what a killed run got to
+            // stays on screen); the summary line closes it.
             let report = bench::run_selftest(&bench::SelftestSpec { device: bench::open_device(&device)?, fixtures })?;
-            println!("\n{}", report.table());
             let failed = report.checks.iter().filter(|c| !c.pass).count();
             println!("selftest: {} passed, {failed} failed", report.checks.len() - failed);
             anyhow::ensure!(failed == 0, "{failed} self-test check(s) failed");
@@ -582,7 +583,7 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
             spec.iters = iters;
             spec.warmup = warmup;
             if let Some(only) = only {
-                let keep: Vec<&str> = only.split(',').collect();
+                let keep: Vec<&str> = only.split(',').map(str::trim).filter(|k| !k.is_empty()).collect();
                 spec.cases.retain(|c| {
                     let kind = match c {
                         bench::BenchCase::Student { nf4: false, .. } => "lora",
@@ -595,8 +596,14 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
                     let label = c.label();
                     keep.iter().any(|k| *k == kind || label.starts_with(k))
                 });
+                anyhow::ensure!(
+                    !spec.cases.is_empty(),
+                    "--only {only:?} matches no benchmark case of shapes {shapes:?}: give lora, qlora, teacher, kernels, \
+                     or the start of a case label as the table prints it (\"lora bf16 8b 2x2048 nogc\")"
+                );
             }
-            println!("\n{}", bench::run_bench(&spec)?.table());
+            // Rows are printed as each case finishes: the table is on screen already.
+            bench::run_bench(&spec)?;
             Ok(())
         }
         Command::Data { config, overrides, dump } => {

@@ -339,3 +339,20 @@ fn training_can_start_from_a_saved_adapter() {
     assert!(e.contains("r=4") && e.contains("r=8") && e.contains("adapter_name_or_path"), "{e}");
     assert!(!dir.path().join("out").exists(), "a refused start left {}", dir.path().join("out").display());
 }
+
+/// `bench --only` takes a case label's start (one case, as under a profiler) and refuses a
+/// filter that matches no case instead of printing an empty table.
+#[test]
+fn bench_only_runs_the_named_case_and_refuses_a_filter_that_matches_none() {
+    let out = qdistill(&["bench", "--device", "cpu", "--shapes", "tiny", "--only", "lora bf16 tiny 2x16 nogc", "--iters", "1", "--warmup", "0"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "bench failed: {}", String::from_utf8_lossy(&out.stderr));
+    let rows: Vec<&str> = stdout.lines().filter(|l| l.starts_with("| qdistill |")).collect();
+    assert_eq!(rows.len(), 1, "one case expected, got:\n{stdout}");
+    assert!(rows[0].contains("| lora bf16 tiny 2x16 nogc |") && rows[0].contains("tok/s"), "{}", rows[0]);
+
+    let out = qdistill(&["bench", "--device", "cpu", "--shapes", "tiny", "--only", "lora bf16 8x"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("matches no benchmark case") && stderr.contains("lora bf16 8x"), "{stderr}");
+}

@@ -228,16 +228,6 @@ pub struct BenchReport {
     pub rows: Vec<BenchRow>,
 }
 
-impl BenchReport {
-    pub fn table(&self) -> String {
-        let mut s = format!("device: {}\n{TABLE_HEADER}\n", self.device);
-        for r in &self.rows {
-            s.push_str(&r.markdown());
-            s.push('\n');
-        }
-        s
-    }
-}
 
 /// What the harness reads from the device: memory high-water marks and a description.
 /// On a CPU there is nothing to read.
@@ -893,13 +883,6 @@ impl SelftestReport {
         self.checks.iter().all(|c| c.pass)
     }
 
-    pub fn table(&self) -> String {
-        let mut s = format!("device: {}\n| check | result | detail |\n|---|---|---|\n", self.device);
-        for c in &self.checks {
-            s.push_str(&format!("| {} | {} | {} |\n", c.name, if c.pass { "PASS" } else { "FAIL" }, c.detail));
-        }
-        s
-    }
 }
 
 /// Checks the training path on `spec.device` against independent references and prints a
