@@ -3,8 +3,10 @@
 # the PyTorch baselines in the same session, so every ratio compares one GPU's numbers.
 # Run from the repository root on the GPU machine:
 #
-#   scripts/gpu-check.sh [selftest] [bench] [baselines]      (default: all three)
+#   scripts/gpu-check.sh [selftest] [bench] [baselines] [profile]   (default: the first three)
 #
+# `profile` runs one training step of QD_PROFILE_CASE (default "lora bf16 8b 2x2048 nogc")
+# under Nsight Compute and sums its kernel time by kind (benches/ncu_step.py).
 # Inputs: the CUDA build of qdistill (../shared/cuda/build.sh --release --features cuda,
 # stripped) at $QD_BIN (default .carry/qdistill, or .carry/qdistill.xz); the Python packages
 # the GPU image lacks (bitsandbytes, liger-kernel, Unsloth) as .carry/pysite.tar.xz
@@ -84,6 +86,13 @@ if want baselines; then
     esac
   done
   cd "$root"
+fi
+
+if want profile; then
+  echo "== profile (Nsight Compute)"
+  command -v ncu > /dev/null || PATH="$PATH:$(dirname "$(ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)")"
+  timeout "$(budget 400)" python3 "$here/benches/ncu_step.py" "$BIN" "${QD_PROFILE_CASE:-lora bf16 8b 2x2048 nogc}" "$OUT" 2>&1 \
+    | grep -v "^==PROF==" | tee "$OUT/profile.txt" | sed -n '/last step/,/^Top/p' || status=1
 fi
 
 if [[ -f "$OUT/bench.log" || -f "$OUT/baselines.log" ]]; then
