@@ -126,8 +126,9 @@ impl Client {
         let mut msg = format!("{}: {}", code_name(s.code()), s.message());
         // A TLS server answers a plaintext HTTP/2 preface with bytes that break the
         // connection, which reaches the caller as nothing more than a protocol error.
-        // Depending on timing the same shows as a cancelled call or a reset connection.
-        let broken = ["h2 protocol error", "operation was canceled", "connection reset", "connection closed"];
+        // Depending on timing the same shows as a cancelled call, a reset connection, or
+        // (after retries, cancelled calls being retried) a bare transport error.
+        let broken = ["h2 protocol error", "operation was canceled", "connection reset", "connection closed", "transport error"];
         if self.url.starts_with("http://") && broken.iter().any(|b| s.message().contains(b)) {
             msg.push_str(" (if the coordinator serves TLS, use an https:// URL and --tls-ca)");
         }

@@ -25,9 +25,12 @@ pub(crate) struct Rpc {
     pub connect: ConnectOptions,
 }
 
-/// Codes worth retrying: the coordinator is restarting or the network blinked.
+/// Codes worth retrying: the coordinator is restarting or the network blinked. The
+/// coordinator never cancels a call itself, so a Cancelled status is the transport's: a
+/// call cut by a coordinator that died mid-call ("operation was canceled", or a connection
+/// error), which its restarted successor answers.
 pub(crate) fn transient(s: &Status) -> bool {
-    matches!(s.code(), Code::Unavailable | Code::Unknown) || (s.code() == Code::Cancelled && s.message().contains("connection"))
+    matches!(s.code(), Code::Unavailable | Code::Unknown | Code::Cancelled)
 }
 
 impl Rpc {
@@ -310,6 +313,31 @@ async fn heartbeat_loop(client: Client, session_id: String, interval: Duration, 
                     return;
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calls_cut_by_the_transport_are_retried_and_refusals_are_not() {
+        for s in [
+            Status::unavailable("tcp connect error: Connection refused"),
+            Status::unknown("h2 protocol error"),
+            Status::cancelled("operation was canceled"),
+            Status::cancelled("connection reset"),
+        ] {
+            assert!(transient(&s), "{s:?} should be retried");
+        }
+        for s in [
+            Status::unauthenticated("bad token"),
+            Status::failed_precondition("the job is over"),
+            Status::invalid_argument("protocol version"),
+            Status::not_found("unknown session"),
+        ] {
+            assert!(!transient(&s), "{s:?} should not be retried");
         }
     }
 }
