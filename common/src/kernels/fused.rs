@@ -286,6 +286,14 @@ pub enum HeadLayout {
 }
 
 impl HeadLayout {
+    /// (batch, heads, tokens, head_dim) of `x`, read as laid out in `self`.
+    fn sizes(self, op: &str, x: &Tensor) -> Result<(usize, usize, usize, usize)> {
+        match (self, x.dims()) {
+            (HeadLayout::Bhtd, &[b, h, t, d]) | (HeadLayout::Bthd, &[b, t, h, d]) => Ok((b, h, t, d)),
+            (_, dims) => Err(Error::Msg(format!("{op}: input has shape {dims:?}, expected 4 dims laid out as {self:?}"))),
+        }
+    }
+
     fn dims(self, b: usize, h: usize, t: usize, d: usize) -> [usize; 4] {
         match self {
             HeadLayout::Bhtd => [b, h, t, d],
@@ -316,10 +324,7 @@ pub fn rope(x: &Tensor, table: &RopeTable, position_ids: &Tensor, from: HeadLayo
 
 fn rope_t<T: Elem>(x: &Tensor, table: &RopeTable, position_ids: &Tensor, from: HeadLayout, to: HeadLayout, inverse: bool) -> Result<Tensor> {
     let op = if inverse { "fused rope_bwd" } else { "fused rope_fwd" };
-    let (b, h, t, d) = match (from, x.dims()) {
-        (HeadLayout::Bhtd, &[b, h, t, d]) | (HeadLayout::Bthd, &[b, t, h, d]) => (b, h, t, d),
-        (_, dims) => return Err(Error::Msg(format!("{op}: input has shape {dims:?}, expected 4 dims laid out as {from:?}"))),
-    };
+    let (b, h, t, d) = from.sizes(op, x)?;
     if d != table.head_dim() || position_ids.dims() != [b, t] {
         return Err(Error::Msg(format!(
             "{op}: input {:?} ({from:?}) with position_ids {:?} does not match head_dim {} and [B, T]",
@@ -397,10 +402,7 @@ pub fn transpose_heads(x: &Tensor, from: HeadLayout) -> Result<Tensor> {
 
 fn transpose_heads_t<T: Elem>(x: &Tensor, from: HeadLayout) -> Result<Tensor> {
     let op = "fused transpose_heads";
-    let (b, h, t, d) = match (from, x.dims()) {
-        (HeadLayout::Bhtd, &[b, h, t, d]) | (HeadLayout::Bthd, &[b, t, h, d]) => (b, h, t, d),
-        (_, dims) => return Err(Error::Msg(format!("{op}: input has shape {dims:?}, expected 4 dims laid out as {from:?}"))),
-    };
+    let (b, h, t, d) = from.sizes(op, x)?;
     if x.elem_count() == 0 {
         return Err(Error::Msg(format!("{op}: input of shape {:?} is empty", x.dims())));
     }
