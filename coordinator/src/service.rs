@@ -5,7 +5,7 @@ use std::collections::{HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -147,8 +147,11 @@ struct Shared {
     /// Two students may upload the same step (a save point and a shutdown); publishing
     /// one at a time keeps the replace-by-rename of the store simple.
     publish: Mutex<()>,
-    /// Set on SIGTERM: the next step commit asks student rank 0 for a checkpoint.
-    draining: AtomicBool,
+    /// Set by a drain to the number of steps committed when it began (u64::MAX: no
+    /// drain): rank 0's commits of later steps are answered with a checkpoint request.
+    /// Not a flag, so that a commit of an older step, whose answer can be read after the
+    /// drain began, asks for no checkpoint the drain would not count.
+    drain_from: AtomicU64,
     /// When recent steps became committed, and their target tokens (for tokens/s).
     recent_commits: Mutex<VecDeque<(Instant, u64)>>,
     /// ce_weight and kd_weight·T², to report the loss as the single-process run logs it.
@@ -426,7 +429,7 @@ impl Coordinator for CoordinatorService {
         }
         self.shared.progress.notify_waiters();
         // A draining coordinator wants the newest state on disk before it stops.
-        let drain = self.shared.draining.load(Ordering::SeqCst) && req.student_rank == 0;
+        let drain = req.student_rank == 0 && req.step >= self.shared.drain_from.load(Ordering::SeqCst);
         Ok(Response::new(pb::StepCommitResponse {
             committed: ack.committed,
             checkpoint_requested: ack.checkpoint_requested || drain,
@@ -747,7 +750,7 @@ async fn drain(shared: &Shared, timeout: Duration) -> Option<u64> {
         }
         job.committed_steps()
     };
-    shared.draining.store(true, Ordering::SeqCst);
+    shared.drain_from.store(from, Ordering::SeqCst);
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let notified = shared.progress.notified();
@@ -907,7 +910,7 @@ pub async fn start(cfg: &TrainConfig, total_steps: u64, listener: tokio::net::Tc
         save_total_limit: cfg.training.save_total_limit,
         output_dir: cfg.output_dir.clone(),
         publish: Mutex::new(()),
-        draining: AtomicBool::new(false),
+        drain_from: AtomicU64::new(u64::MAX),
         recent_commits: Mutex::new(VecDeque::new()),
         loss_weights: (cfg.distill.ce_weight, cfg.distill.kd_weight * cfg.distill.temperature.powi(2)),
         record: Mutex::new(record),

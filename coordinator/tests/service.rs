@@ -343,6 +343,54 @@ async fn a_whole_job_driven_by_hand() {
     assert_eq!(outcome.committed_steps, 4);
 }
 
+/// A drain (SIGTERM) asks student rank 0 for a checkpoint after the steps in progress:
+/// a commit of a step that was already committed when the drain began (a retried call,
+/// or one whose answer is read just after) asks for none, and the next step's commit
+/// does even off the save interval; the drain ends with that checkpoint.
+#[tokio::test]
+async fn a_drain_asks_for_a_checkpoint_only_after_the_steps_committed_before_it() {
+    let out = tempfile::tempdir().unwrap();
+    let c = coordinator(out.path(), 3, 8).await;
+    let url = c.url();
+    let mut cl = client(&url, TOKEN).await;
+    let mut ids = Vec::new();
+    for n in ["0", "1", "2"] {
+        ids.push(cl.raw().register(register_req(n, PROTOCOL_VERSION)).await.unwrap().into_inner().session_id);
+    }
+    let mut asg = Vec::new();
+    for id in &ids {
+        match cl.raw().get_work(pb::GetWorkRequest { session_id: id.clone() }).await.unwrap().into_inner().work {
+            Some(pb::get_work_response::Work::Assignment(a)) => asg.push(qdistill_coordinator::convert::assignment_from(a).unwrap().0),
+            w => panic!("{w:?}"),
+        }
+    }
+    let students: Vec<usize> = (0..3).filter(|&i| asg[i].role == qdistill_coordinator::state::Role::Student).collect();
+    let (s0, s1) = if asg[students[0]].role_rank == 0 { (students[0], students[1]) } else { (students[1], students[0]) };
+    let gen = asg[0].generation;
+    let commit = |rank: u32, step: u64| {
+        let s = if rank == 0 { s0 } else { s1 };
+        step_commit(&ids[s], gen, step, rank, asg[s].plan.batches_of(rank as usize, step))
+    };
+    for step in 0..3 {
+        cl.raw().step_commit(commit(0, step)).await.unwrap();
+        assert!(cl.raw().step_commit(commit(1, step)).await.unwrap().into_inner().committed);
+    }
+    // Poll the drain once so that it takes its starting point (3 committed steps) now.
+    let mut drain = Box::pin(c.drain(Duration::from_secs(30)));
+    assert!(tokio::time::timeout(Duration::ZERO, &mut drain).await.is_err(), "nothing to wait for yet");
+    // Step 2 (checkpoint-3, not a save point) was committed before the drain began.
+    assert!(!cl.raw().step_commit(commit(0, 2)).await.unwrap().into_inner().checkpoint_requested, "a checkpoint the drain does not wait for");
+    for step in 3..5 {
+        let ack = cl.raw().step_commit(commit(0, step)).await.unwrap().into_inner();
+        assert!(ack.checkpoint_requested, "step {step} was in progress when the drain began");
+        cl.raw().step_commit(commit(1, step)).await.unwrap();
+    }
+    let mut up = cl.clone();
+    let stored = up.raw().upload_checkpoint(tokio_stream::iter(upload_stream(&ids[s0], gen, 5, &[("adapter_model.safetensors", vec![5u8; 100])]))).await;
+    assert_eq!(stored.unwrap().into_inner().step, 5);
+    assert_eq!(tokio::time::timeout(Duration::from_secs(10), drain).await.unwrap(), Some(5));
+}
+
 #[tokio::test]
 async fn an_output_dir_with_checkpoints_needs_resume_to_be_asked_for() {
     let out = tempfile::tempdir().unwrap();
