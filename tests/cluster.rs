@@ -192,18 +192,22 @@ struct Coord {
     client: Client,
 }
 
+/// Long enough that a loaded CI machine's stall (a slow fsync under the job lock) expires
+/// nobody; the hung-student test, which waits for a lease to run out, sets a short one.
+const LEASE: Duration = Duration::from_secs(10);
+
 fn start_coordinator(cfg: &TrainConfig, total: u64, workers: usize) -> Coord {
-    start_coordinator_with_tls(cfg, total, workers, None)
+    start_coordinator_with(cfg, total, workers, None, LEASE)
 }
 
-fn start_coordinator_with_tls(cfg: &TrainConfig, total: u64, workers: usize, tls: Option<&Pki>) -> Coord {
+fn start_coordinator_with(cfg: &TrainConfig, total: u64, workers: usize, tls: Option<&Pki>, lease: Duration) -> Coord {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let opts = ServeOptions {
         tls: tls.map(|p| ServerTls { cert: p.cert.clone(), key: p.key.clone() }),
         token: TOKEN.into(),
         workers,
         shards: Some(SHARDS),
-        lease: Duration::from_secs(4),
+        lease,
         heartbeat_interval: Duration::from_millis(200),
         reform_grace: Some(Duration::from_secs(2)),
         max_generations: 5,
@@ -417,7 +421,7 @@ fn a_hung_student_is_found_by_its_lease() {
     let run = tempfile::tempdir().unwrap();
     let out = run.path().join("out");
     let cfg = job.config(&out);
-    let mut coord = start_coordinator(&cfg, job.total, 3);
+    let mut coord = start_coordinator_with(&cfg, job.total, 3, None, Duration::from_secs(4));
     let mut workers: Vec<Worker> = (0..3).map(|i| spawn_worker(&coord.url, TOKEN, &format!("w{i}"), run.path())).collect();
     let st = freeze_at(&coord, &mut workers, 2);
     let victim = student_named(&st, 0);
@@ -697,7 +701,7 @@ fn a_worker_joins_over_tls_and_one_without_the_ca_is_refused() {
     let run = tempfile::tempdir().unwrap();
     let pki = make_pki(run.path(), "job");
     let out = run.path().join("out");
-    let mut coord = start_coordinator_with_tls(&job.config(&out), job.total, 1, Some(&pki));
+    let mut coord = start_coordinator_with(&job.config(&out), job.total, 1, Some(&pki), LEASE);
     assert!(coord.url.starts_with("https://127.0.0.1:"), "{}", coord.url);
 
     // Refusals first, while the job waits for its one worker.

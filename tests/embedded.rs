@@ -40,6 +40,10 @@ impl Job {
         let config = write_cluster_job(dir.path());
         Job { dir, config, overrides: overrides.iter().map(|s| s.to_string()).collect() }
     }
+    /// The job's length: the config's max_steps = 10 unless an override sets it.
+    fn steps(&self) -> usize {
+        self.overrides.iter().find_map(|o| o.strip_prefix("max_steps=")?.parse().ok()).unwrap_or(10)
+    }
     fn out(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
@@ -69,7 +73,7 @@ impl Job {
     /// The direct run of the same config, in this process: the reference.
     fn direct(&self, out: &Path) -> HashMap<String, Vec<f32>> {
         let summary = qdistill_worker::run::train(&self.config, &self.overrides(out), false).unwrap();
-        assert_eq!(summary.steps, 10);
+        assert_eq!(summary.steps, self.steps());
         read_adapter(&out.join("final_model/adapter_model.safetensors"))
     }
     /// The sample ids of every step's microbatches, from the seeded data stream.
@@ -78,7 +82,7 @@ impl Job {
         let path = qdistill_common::config::resolve_model_path(&cfg.model.model_name_or_path, None, None).unwrap();
         let (_, _, tok) = qdistill_worker::models::open(&path).unwrap();
         let mut stream = qdistill_worker::data_plan::build(&cfg, &tok).unwrap().train_stream().unwrap();
-        (0..10).map(|_| (0..G).flat_map(|_| stream.next_batch().sample_ids).collect()).collect()
+        (0..self.steps()).map(|_| (0..G).flat_map(|_| stream.next_batch().sample_ids).collect()).collect()
     }
 }
 
@@ -157,7 +161,7 @@ fn status(url: &str, token: &str) -> Option<String> {
     out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// N of the status line's "N/10 steps committed".
+/// N of the status line's "N/M steps committed".
 fn committed_steps(status: &str) -> Option<u64> {
     status.split(" steps committed").next()?.rsplit(' ').next()?.split('/').next()?.parse().ok()
 }
@@ -171,7 +175,9 @@ fn committed_steps(status: &str) -> Option<u64> {
 #[test]
 fn status_watches_an_embedded_job_and_sigterm_stops_it_for_the_same_command_to_continue() {
     let _s = serial();
-    let job = Job::new(&["max_steps=10"]);
+    // Long enough that the signal lands mid-run even when each status poll (a process
+    // start) is slow on a loaded machine.
+    let job = Job::new(&["max_steps=30"]);
     let out = job.out("embedded");
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}");

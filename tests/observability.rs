@@ -76,6 +76,7 @@ struct Proc {
     name: String,
     child: Child,
     log: Arc<Mutex<String>>,
+    reader: std::thread::JoinHandle<()>,
 }
 
 impl Proc {
@@ -88,14 +89,14 @@ impl Proc {
         let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
         let log = Arc::new(Mutex::new(String::new()));
         let (stderr, sink) = (child.stderr.take().unwrap(), log.clone());
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 let mut l = sink.lock().unwrap();
                 l.push_str(&line);
                 l.push('\n');
             }
         });
-        Proc { name: name.into(), child, log }
+        Proc { name: name.into(), child, log, reader }
     }
 
     fn log(&self) -> String {
@@ -123,8 +124,12 @@ impl Proc {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(s) = self.child.try_wait().unwrap() {
-                // Give the reader thread the last lines.
-                std::thread::sleep(Duration::from_millis(50));
+                // The reader has every line once it reaches the end of the pipe, which the
+                // exit closed (bounded, in case a descendant still holds it open).
+                let until = Instant::now() + Duration::from_secs(10);
+                while !self.reader.is_finished() && Instant::now() < until {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
                 return s;
             }
             assert!(Instant::now() < deadline, "{} still running after {timeout:?}:\n{}", self.name, self.log());

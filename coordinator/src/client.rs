@@ -127,9 +127,12 @@ impl Client {
         // A TLS server answers a plaintext HTTP/2 preface with bytes that break the
         // connection, which reaches the caller as nothing more than a protocol error.
         // Depending on timing the same shows as a cancelled call, a reset connection, or
-        // (after retries, cancelled calls being retried) a bare transport error.
+        // (after retries, cancelled calls being retried) a bare transport error: any
+        // status the client's transport made (it carries the cause as its source; the
+        // coordinator's own answers do not), and the messages seen for it.
         let broken = ["h2 protocol error", "operation was canceled", "connection reset", "connection closed", "transport error"];
-        if self.url.starts_with("http://") && broken.iter().any(|b| s.message().contains(b)) {
+        let transport = std::error::Error::source(&s).is_some() || broken.iter().any(|b| s.message().contains(b));
+        if self.url.starts_with("http://") && transport {
             msg.push_str(" (if the coordinator serves TLS, use an https:// URL and --tls-ca)");
         }
         CoordError::Rpc { url: self.url.clone(), msg }

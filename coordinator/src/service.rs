@@ -410,14 +410,19 @@ impl Coordinator for CoordinatorService {
             grad_norm: req.grad_norm,
             learning_rate: req.learning_rate,
         };
-        let (ack, newly_committed) = {
+        let (ack, newly_committed, drain) = {
             let mut job = self.shared.job();
             let before = job.ledger().len();
             let ack = job.step_commit(&req.session_id, req.generation, req.step, rec, now);
             self.shared.persist(&job);
             let ack = ack.map_err(refusal)?;
             let tokens: u64 = job.ledger()[before.min(job.ledger().len())..].iter().flat_map(|l| &l.ranks).map(|r| r.target_tokens).sum();
-            (ack, (job.ledger().len() > before).then_some(tokens))
+            // A draining coordinator wants one checkpoint newer than what was committed
+            // when the drain began: asked of rank 0 for a later step, until one is stored
+            // (read under the job lock, so never again once the drain has its checkpoint).
+            let from = self.shared.drain_from.load(Ordering::SeqCst);
+            let drain = req.student_rank == 0 && req.step >= from && job.last_checkpoint().is_none_or(|c| c <= from);
+            (ack, (job.ledger().len() > before).then_some(tokens), drain)
         };
         if let Some(tokens) = newly_committed {
             let mut recent = self.shared.recent_commits.lock().unwrap_or_else(|p| p.into_inner());
@@ -428,8 +433,6 @@ impl Coordinator for CoordinatorService {
             }
         }
         self.shared.progress.notify_waiters();
-        // A draining coordinator wants the newest state on disk before it stops.
-        let drain = req.student_rank == 0 && req.step >= self.shared.drain_from.load(Ordering::SeqCst);
         Ok(Response::new(pb::StepCommitResponse {
             committed: ack.committed,
             checkpoint_requested: ack.checkpoint_requested || drain,
@@ -756,7 +759,7 @@ async fn drain(shared: &Shared, timeout: Duration) -> Option<u64> {
         let notified = shared.progress.notified();
         {
             let job = shared.job();
-            if let Some(c) = job.status(shared.now()).last_checkpoint.filter(|&c| c > from) {
+            if let Some(c) = job.last_checkpoint().filter(|&c| c > from) {
                 return Some(c);
             }
             if job.phase() != &Phase::Running {

@@ -340,6 +340,10 @@ impl Job {
     pub fn committed_steps(&self) -> u64 {
         self.committed_steps
     }
+    /// The newest stored checkpoint's step.
+    pub fn last_checkpoint(&self) -> Option<u64> {
+        self.checkpoints.iter().next_back().copied()
+    }
     pub fn ledger(&self) -> &[LedgerStep] {
         &self.ledger
     }
@@ -738,7 +742,7 @@ impl Job {
             generation: self.generation,
             committed_steps: self.committed_steps,
             total_steps: self.spec.total_steps,
-            last_checkpoint: self.checkpoints.iter().next_back().copied(),
+            last_checkpoint: self.last_checkpoint(),
             workers,
             message: self.message.clone(),
             ended_generations: self.ended_generations.clone(),

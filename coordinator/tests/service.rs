@@ -45,7 +45,8 @@ async fn coordinator(out: &Path, workers: usize, total_steps: u64) -> RunningCoo
     let opts = ServeOptions {
         token: TOKEN.into(),
         workers,
-        lease: Duration::from_secs(5),
+        // Hand-driven sessions send no heartbeats: a lease no test here runs out.
+        lease: Duration::from_secs(60),
         heartbeat_interval: Duration::from_millis(50),
         ..ServeOptions::default()
     };
@@ -346,7 +347,8 @@ async fn a_whole_job_driven_by_hand() {
 /// A drain (SIGTERM) asks student rank 0 for a checkpoint after the steps in progress:
 /// a commit of a step that was already committed when the drain began (a retried call,
 /// or one whose answer is read just after) asks for none, and the next step's commit
-/// does even off the save interval; the drain ends with that checkpoint.
+/// does even off the save interval; the drain ends with that checkpoint, and asks for
+/// none after it.
 #[tokio::test]
 async fn a_drain_asks_for_a_checkpoint_only_after_the_steps_committed_before_it() {
     let out = tempfile::tempdir().unwrap();
@@ -389,6 +391,13 @@ async fn a_drain_asks_for_a_checkpoint_only_after_the_steps_committed_before_it(
     let stored = up.raw().upload_checkpoint(tokio_stream::iter(upload_stream(&ids[s0], gen, 5, &[("adapter_model.safetensors", vec![5u8; 100])]))).await;
     assert_eq!(stored.unwrap().into_inner().step, 5);
     assert_eq!(tokio::time::timeout(Duration::from_secs(10), drain).await.unwrap(), Some(5));
+    // The drain has its checkpoint: rank 0 goes on until the coordinator stops, and is
+    // asked for no further one off the save interval (step 6 ends at 7, not a save point).
+    for step in 5..7 {
+        let ack = cl.raw().step_commit(commit(0, step)).await.unwrap().into_inner();
+        assert_eq!(ack.checkpoint_requested, step == 5, "step {step}: save_steps = 2 only");
+        cl.raw().step_commit(commit(1, step)).await.unwrap();
+    }
 }
 
 #[tokio::test]
