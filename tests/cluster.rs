@@ -540,8 +540,11 @@ fn a_teacher_killed_mid_run_is_replaced_by_a_new_generation_with_the_same_result
     let w = workers.iter_mut().find(|w| w.name == victim).unwrap();
     signal(&w.child, libc::SIGKILL);
     let _ = w.child.wait();
-    resume(&workers, &victim);
+    // The fresh worker registers while the survivors are still stopped: otherwise the next
+    // generation may form from the survivors alone and end the job before it connects.
     workers.push(spawn_worker(&coord.url, TOKEN, "w3", run.path()));
+    wait_until("w3 to register", Duration::from_secs(60), &mut workers, || coord.status().workers.iter().any(|w| w.worker_name == "w3"));
+    resume(&workers, &victim);
     let outcome = coord.wait(&mut workers, Duration::from_secs(300));
     join_workers(&mut workers, &[&victim]);
     assert_eq!(outcome.committed_steps, job.total);
