@@ -261,14 +261,17 @@ fn upload_stream(id: &str, generation: u64, step: u64, files: &[(&str, Vec<u8>)]
     v
 }
 
-/// Three hand-driven workers run a 4-step job: roles, commits, a checkpoint that waits
-/// for the slower student's commit, download, the final model, the ledger, and Stop.
-#[tokio::test]
-async fn a_whole_job_driven_by_hand() {
-    let out = tempfile::tempdir().unwrap();
-    let c = coordinator(out.path(), 3, 4).await;
-    let url = c.url();
-    let mut cl = client(&url, TOKEN).await;
+/// Three registered workers of one generation: their sessions, their assignments, and
+/// which of them are student ranks 0 and 1.
+struct Trio {
+    ids: Vec<String>,
+    asg: Vec<qdistill_coordinator::state::Assignment>,
+    s0: usize,
+    s1: usize,
+    gen: u64,
+}
+
+async fn trio(cl: &mut Client) -> Trio {
     let mut ids = Vec::new();
     for n in ["0", "1", "2"] {
         ids.push(cl.raw().register(register_req(n, PROTOCOL_VERSION)).await.unwrap().into_inner().session_id);
@@ -282,8 +285,19 @@ async fn a_whole_job_driven_by_hand() {
     }
     let students: Vec<usize> = (0..3).filter(|&i| asg[i].role == qdistill_coordinator::state::Role::Student).collect();
     assert_eq!(students.len(), 2);
-    let gen = asg[0].generation;
     let (s0, s1) = if asg[students[0]].role_rank == 0 { (students[0], students[1]) } else { (students[1], students[0]) };
+    Trio { gen: asg[0].generation, ids, asg, s0, s1 }
+}
+
+/// Three hand-driven workers run a 4-step job: roles, commits, a checkpoint that waits
+/// for the slower student's commit, download, the final model, the ledger, and Stop.
+#[tokio::test]
+async fn a_whole_job_driven_by_hand() {
+    let out = tempfile::tempdir().unwrap();
+    let c = coordinator(out.path(), 3, 4).await;
+    let url = c.url();
+    let mut cl = client(&url, TOKEN).await;
+    let Trio { ids, asg, s0, s1, gen } = trio(&mut cl).await;
 
     let files = |step: u64| vec![("adapter_model.safetensors", vec![step as u8; 3000]), ("trainer_state.json", format!("{{\"global_step\":{step}}}").into_bytes())];
     for step in 0..4u64 {
@@ -355,20 +369,7 @@ async fn a_drain_asks_for_a_checkpoint_only_after_the_steps_committed_before_it(
     let c = coordinator(out.path(), 3, 8).await;
     let url = c.url();
     let mut cl = client(&url, TOKEN).await;
-    let mut ids = Vec::new();
-    for n in ["0", "1", "2"] {
-        ids.push(cl.raw().register(register_req(n, PROTOCOL_VERSION)).await.unwrap().into_inner().session_id);
-    }
-    let mut asg = Vec::new();
-    for id in &ids {
-        match cl.raw().get_work(pb::GetWorkRequest { session_id: id.clone() }).await.unwrap().into_inner().work {
-            Some(pb::get_work_response::Work::Assignment(a)) => asg.push(qdistill_coordinator::convert::assignment_from(a).unwrap().0),
-            w => panic!("{w:?}"),
-        }
-    }
-    let students: Vec<usize> = (0..3).filter(|&i| asg[i].role == qdistill_coordinator::state::Role::Student).collect();
-    let (s0, s1) = if asg[students[0]].role_rank == 0 { (students[0], students[1]) } else { (students[1], students[0]) };
-    let gen = asg[0].generation;
+    let Trio { ids, asg, s0, s1, gen } = trio(&mut cl).await;
     let commit = |rank: u32, step: u64| {
         let s = if rank == 0 { s0 } else { s1 };
         step_commit(&ids[s], gen, step, rank, asg[s].plan.batches_of(rank as usize, step))
