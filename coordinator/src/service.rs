@@ -148,9 +148,10 @@ struct Shared {
     /// one at a time keeps the replace-by-rename of the store simple.
     publish: Mutex<()>,
     /// Set by a drain to the number of steps committed when it began (u64::MAX: no
-    /// drain): rank 0's commits of later steps are answered with a checkpoint request.
-    /// Not a flag, so that a commit of an older step, whose answer can be read after the
-    /// drain began, asks for no checkpoint the drain would not count.
+    /// drain): rank 0's commits of later steps are answered with a checkpoint request
+    /// until a checkpoint newer than that is stored. Not a flag, so that a commit of an
+    /// older step, whose answer can be read after the drain began, asks for no checkpoint
+    /// the drain would not count.
     drain_from: AtomicU64,
     /// When recent steps became committed, and their target tokens (for tokens/s).
     recent_commits: Mutex<VecDeque<(Instant, u64)>>,
