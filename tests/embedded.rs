@@ -40,9 +40,9 @@ impl Job {
         let config = write_cluster_job(dir.path());
         Job { dir, config, overrides: overrides.iter().map(|s| s.to_string()).collect() }
     }
-    /// The job's length: the config's max_steps = 10 unless an override sets it.
+    /// The job's length: max_steps of the config with this variant's overrides.
     fn steps(&self) -> usize {
-        self.overrides.iter().find_map(|o| o.strip_prefix("max_steps=")?.parse().ok()).unwrap_or(10)
+        qdistill_common::config::load(&self.config, &self.overrides(&self.out("unused"))).unwrap().training.max_steps as usize
     }
     fn out(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)

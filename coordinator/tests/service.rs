@@ -388,8 +388,7 @@ async fn a_drain_asks_for_a_checkpoint_only_after_the_steps_committed_before_it(
         assert!(ack.checkpoint_requested, "step {step} was in progress when the drain began");
         cl.raw().step_commit(commit(1, step)).await.unwrap();
     }
-    let mut up = cl.clone();
-    let stored = up.raw().upload_checkpoint(tokio_stream::iter(upload_stream(&ids[s0], gen, 5, &[("adapter_model.safetensors", vec![5u8; 100])]))).await;
+    let stored = cl.raw().upload_checkpoint(tokio_stream::iter(upload_stream(&ids[s0], gen, 5, &[("adapter_model.safetensors", vec![5u8; 100])]))).await;
     assert_eq!(stored.unwrap().into_inner().step, 5);
     assert_eq!(tokio::time::timeout(Duration::from_secs(10), drain).await.unwrap(), Some(5));
     // The drain has its checkpoint: rank 0 goes on until the coordinator stops, and is
