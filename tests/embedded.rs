@@ -82,7 +82,7 @@ impl Job {
         let path = qdistill_common::config::resolve_model_path(&cfg.model.model_name_or_path, None, None).unwrap();
         let (_, _, tok) = qdistill_worker::models::open(&path).unwrap();
         let mut stream = qdistill_worker::data_plan::build(&cfg, &tok).unwrap().train_stream().unwrap();
-        (0..self.steps()).map(|_| (0..G).flat_map(|_| stream.next_batch().sample_ids).collect()).collect()
+        (0..cfg.training.max_steps as usize).map(|_| (0..G).flat_map(|_| stream.next_batch().sample_ids).collect()).collect()
     }
 }
 
